@@ -1,1 +1,125 @@
-//! Placeholder; see ARCHITECTURE.md.
+//! Citadel's stack description.
+//!
+//! `citadel.toml` is loaded in three stages:
+//! 1. [`raw`]: the TOML as written (`deny_unknown_fields`, every value with its span);
+//! 2. merged: each `[models.NAME]` over `[model_defaults]`;
+//! 3. [`Settings`]: validated, typed values (newtypes such as [`ModelName`] and [`Port`]).
+//!
+//! Validation collects every problem it finds, each with file, line, column and
+//! a hint, instead of stopping at the first. Nothing here reads global state:
+//! host facts for warnings are passed in ([`HostFacts`]).
+
+mod diag;
+mod engine;
+mod host;
+pub mod raw;
+mod settings;
+pub mod units;
+mod validate;
+
+use std::path::{Path, PathBuf};
+
+pub use diag::{Diagnostic, Report, Severity};
+pub use engine::{Engine, EngineKind, ReadyCheck};
+pub use host::{check_host, HostFacts};
+pub use settings::{
+    units as unit_names, Gateway, Limits, Model, ModelName, Paths, Port, ServiceIdentity, Settings,
+};
+
+/// Where `citadel.toml` lives unless `--config` or `CITADEL_CONFIG` say otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/opt/citadel/config/citadel.toml";
+
+/// The commented example config: the spec's stack (mixtral, hermes, openchat and
+/// phi3 on 11400-11403 under vLLM, the gateway on 8000).
+pub const EXAMPLE_CONFIG: &str = include_str!("../citadel.example.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config has errors; the report lists all of them (and any warnings).
+    #[error("{0}")]
+    Invalid(Report),
+}
+
+/// A validated config and the warnings found on the way.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub settings: Settings,
+    /// Warnings only (errors make loading fail).
+    pub report: Report,
+}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Validates config text; `source` names the file in messages and rendered headers.
+pub fn parse(text: &str, source: &Path) -> Result<Loaded, ConfigError> {
+    let raw: raw::RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let d = syntax_diagnostic(&e);
+            return Err(ConfigError::Invalid(Report::new(source, text, vec![d])));
+        }
+    };
+    let mut v = validate::Validator { diags: Vec::new() };
+    let settings = v.settings(&raw, source);
+    let report = Report::new(source, text, v.diags);
+    if report.has_errors() {
+        return Err(ConfigError::Invalid(report));
+    }
+    Ok(Loaded { settings, report })
+}
+
+/// Turns a TOML or schema error into a diagnostic with a useful hint.
+fn syntax_diagnostic(e: &toml::de::Error) -> Diagnostic {
+    let message = e.message().trim().to_owned();
+    let help = if message.starts_with("unknown field") {
+        "remove or rename the key; the accepted keys are listed above (see also `citadel-systemd init` for a commented example)"
+    } else if message.starts_with("invalid type") {
+        "check the value's type: strings need quotes (\"90G\", \"15min\"), numbers and booleans do not"
+    } else if message.contains("duplicate key") {
+        "each key and each [models.NAME] table may appear only once"
+    } else {
+        "fix the TOML syntax at this place"
+    };
+    Diagnostic::error("", message).at(e.span()).help(help)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_is_valid() {
+        let loaded = parse(EXAMPLE_CONFIG, Path::new("citadel.toml")).unwrap();
+        let names: Vec<_> = loaded
+            .settings
+            .models
+            .iter()
+            .map(|m| (m.name.as_str(), m.port.get()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("mixtral", 11400),
+                ("hermes", 11401),
+                ("openchat", 11402),
+                ("phi3", 11403)
+            ]
+        );
+        assert_eq!(loaded.settings.gateway.port.get(), 8000);
+        assert_eq!(loaded.settings.gateway.rate_limit_per_minute, 100);
+        assert!(loaded.report.is_empty(), "{}", loaded.report);
+    }
+}

@@ -1,0 +1,97 @@
+//! Checks of the settings against the machine they will run on. These are
+//! warnings, never errors: a config is often written on one host for another.
+
+use crate::diag::Diagnostic;
+use crate::settings::Settings;
+use crate::units::ByteSize;
+
+/// What validation needs to know about the host, read once by the binary.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Total RAM in bytes (`MemTotal` of /proc/meminfo), if known.
+    pub mem_total: Option<u64>,
+    /// Indexes of the NVIDIA GPUs present (`/dev/nvidiaN`), if known.
+    pub gpus: Option<Vec<u32>>,
+}
+
+impl HostFacts {
+    /// Reads the facts of the running machine.
+    pub fn detect() -> HostFacts {
+        let mem_total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+        let gpus = std::fs::read_dir("/dev").ok().map(|dir| {
+            let mut gpus: Vec<u32> = dir
+                .filter_map(|e| {
+                    e.ok()?
+                        .file_name()
+                        .to_str()?
+                        .strip_prefix("nvidia")?
+                        .parse()
+                        .ok()
+                })
+                .collect();
+            gpus.sort_unstable();
+            gpus
+        });
+        HostFacts { mem_total, gpus }
+    }
+}
+
+/// Warnings about `settings` on a host with these `facts`.
+pub fn check_host(settings: &Settings, facts: &HostFacts) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    if let Some(total) = facts.mem_total {
+        let summed: u64 = settings
+            .models
+            .iter()
+            .filter_map(|m| m.limits.memory_max)
+            .map(ByteSize::bytes)
+            .sum::<u64>()
+            + settings
+                .gateway
+                .limits
+                .memory_max
+                .map_or(0, ByteSize::bytes);
+        if summed > total {
+            out.push(
+                Diagnostic::warning(
+                    "models",
+                    format!(
+                        "the memory limits add up to {} but this host has {} of RAM",
+                        ByteSize(summed),
+                        ByteSize(total / ByteSize::MIB * ByteSize::MIB)
+                    ),
+                )
+                .help("lower some `memory_max` values, or run fewer models on this host; the kernel will otherwise OOM-kill engines under load"),
+            );
+        }
+    }
+    if let Some(present) = &facts.gpus {
+        for m in &settings.models {
+            let missing: Vec<String> = m
+                .gpus
+                .iter()
+                .filter(|g| !present.contains(g))
+                .map(u32::to_string)
+                .collect();
+            if !missing.is_empty() {
+                let have = if present.is_empty() {
+                    "no NVIDIA GPU".to_owned()
+                } else {
+                    format!("GPUs {present:?}")
+                };
+                out.push(
+                    Diagnostic::warning(
+                        format!("models.{}.gpus", m.name),
+                        format!("model `{}` uses GPU {} but this host has {have}", m.name, missing.join(", ")),
+                    )
+                    .help("check `nvidia-smi -L`; the unit only allows the listed /dev/nvidiaN devices"),
+                );
+            }
+        }
+    }
+    out
+}
