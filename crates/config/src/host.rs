@@ -62,7 +62,7 @@ pub fn check_host(settings: &Settings, facts: &HostFacts) -> Vec<Diagnostic> {
                     format!(
                         "the memory limits add up to {} but this host has {} of RAM",
                         ByteSize(summed),
-                        ByteSize(total / ByteSize::MIB * ByteSize::MIB)
+                        format_args!("{:.1}G", total as f64 / ByteSize::GIB as f64)
                     ),
                 )
                 .help("lower some `memory_max` values, or run fewer models on this host; the kernel will otherwise OOM-kill engines under load"),

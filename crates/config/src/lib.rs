@@ -33,6 +33,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/opt/citadel/config/citadel.toml";
 /// phi3 on 11400-11403 under vLLM, the gateway on 8000).
 pub const EXAMPLE_CONFIG: &str = include_str!("../citadel.example.toml");
 
+/// The same stack served by engine simulators: runs on any machine.
+pub const SIM_EXAMPLE_CONFIG: &str = include_str!("../citadel.sim.toml");
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {}: {source}", path.display())]
@@ -120,6 +123,18 @@ mod tests {
         );
         assert_eq!(loaded.settings.gateway.port.get(), 8000);
         assert_eq!(loaded.settings.gateway.rate_limit_per_minute, 100);
+        assert!(loaded.report.is_empty(), "{}", loaded.report);
+    }
+
+    #[test]
+    fn sim_example_config_is_valid() {
+        let loaded = parse(SIM_EXAMPLE_CONFIG, Path::new("citadel.toml")).unwrap();
+        assert_eq!(loaded.settings.models.len(), 4);
+        assert!(loaded
+            .settings
+            .models
+            .iter()
+            .all(|m| m.engine.kind() == EngineKind::Sim));
         assert!(loaded.report.is_empty(), "{}", loaded.report);
     }
 }

@@ -14,6 +14,16 @@ use crate::settings::{
 };
 use crate::units::{ByteSize, Cpus, SizeLimit, Timespan};
 
+/// The raw resource-limit fields shared by the gateway and the models.
+struct RawLimits<'a> {
+    memory_max: &'a Option<S<String>>,
+    memory_high: &'a Option<S<String>>,
+    cpus: &'a Option<S<f64>>,
+    tasks_max: &'a Option<S<i64>>,
+    nofile: &'a Option<S<i64>>,
+    memlock: Option<&'a S<String>>,
+}
+
 pub(crate) struct Validator {
     pub diags: Vec<Diagnostic>,
 }
@@ -108,16 +118,15 @@ impl Validator {
         }
     }
 
-    fn limits(
-        &mut self,
-        prefix: &str,
-        memory_max: &Option<S<String>>,
-        memory_high: &Option<S<String>>,
-        cpus: &Option<S<f64>>,
-        tasks_max: &Option<S<i64>>,
-        nofile: &Option<S<i64>>,
-        memlock: Option<&S<String>>,
-    ) -> Limits {
+    fn limits(&mut self, prefix: &str, raw: RawLimits<'_>) -> Limits {
+        let RawLimits {
+            memory_max,
+            memory_high,
+            cpus,
+            tasks_max,
+            nofile,
+            memlock,
+        } = raw;
         let max = self.size(&format!("{prefix}.memory_max"), memory_max);
         let high = self.size(&format!("{prefix}.memory_high"), memory_high);
         if let (Some(max), Some(high), Some(at)) = (max, high, memory_high) {
@@ -288,12 +297,14 @@ impl Validator {
         }
         let limits = self.limits(
             "gateway",
-            &g.memory_max,
-            &g.memory_high,
-            &g.cpus,
-            &g.tasks_max,
-            &g.nofile,
-            None,
+            RawLimits {
+                memory_max: &g.memory_max,
+                memory_high: &g.memory_high,
+                cpus: &g.cpus,
+                tasks_max: &g.tasks_max,
+                nofile: &g.nofile,
+                memlock: None,
+            },
         );
         let gw = Gateway {
             listen,
@@ -434,12 +445,14 @@ impl Validator {
         }
         let limits = self.limits(
             &key,
-            &m.memory_max,
-            &m.memory_high,
-            &m.cpus,
-            &m.tasks_max,
-            &m.nofile,
-            m.memlock.as_ref(),
+            RawLimits {
+                memory_max: &m.memory_max,
+                memory_high: &m.memory_high,
+                cpus: &m.cpus,
+                tasks_max: &m.tasks_max,
+                nofile: &m.nofile,
+                memlock: m.memlock.as_ref(),
+            },
         );
         let aliases = m
             .aliases

@@ -299,7 +299,7 @@ fn host_warnings_memory_and_gpus() {
     let text: Vec<_> = warnings.iter().map(|w| w.message.clone()).collect();
     assert!(
         text.iter()
-            .any(|m| m.contains("memory limits add up to 154G but this host has 24G")),
+            .any(|m| m.contains("memory limits add up to 154G but this host has 24.0G of RAM")),
         "{text:?}"
     );
     assert!(

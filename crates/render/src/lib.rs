@@ -1,1 +1,106 @@
-//! Placeholder; see ARCHITECTURE.md.
+//! Rendering: a pure function from validated [`Settings`] to the files that make
+//! the stack a set of systemd services.
+//!
+//! Invariants:
+//! - [`render`] cannot fail and reads nothing but its argument: the same settings
+//!   give the same bytes (files are ordered, nothing depends on time or host).
+//! - Resource values are rendered literally (`MemoryMax=90G`): systemd does not
+//!   expand environment variables in resource directives.
+//! - Every file starts with a header naming its source and telling operators to
+//!   put local changes in drop-ins, which Citadel never writes or removes.
+
+mod units;
+mod writer;
+
+use std::path::{Path, PathBuf};
+
+use citadel_config::Settings;
+
+pub use units::{hardening_exceptions, DROP_IN_NAME, FAILURE_UNIT, GENERATED_MARK};
+
+/// What a rendered file is, which decides where it is installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FileKind {
+    /// A unit file, installed into /etc/systemd/system.
+    Unit,
+    /// A drop-in of a unit (`NAME.d/50-citadel.conf`), installed beside the units.
+    DropIn,
+    /// A sysusers.d entry, installed into /etc/sysusers.d.
+    Sysusers,
+    /// A tmpfiles.d entry, installed into /etc/tmpfiles.d.
+    Tmpfiles,
+}
+
+/// One rendered file. `path` is relative to the render directory
+/// (`/opt/citadel/config/systemd`), e.g. `citadel-model@phi3.service.d/50-citadel.conf`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedFile {
+    pub path: PathBuf,
+    pub kind: FileKind,
+    pub contents: String,
+}
+
+impl RenderedFile {
+    /// Where the file goes on an installed system, below `root` (`/` normally).
+    pub fn install_path(&self, root: &Path) -> PathBuf {
+        let dir = match self.kind {
+            FileKind::Unit | FileKind::DropIn => "etc/systemd/system",
+            FileKind::Sysusers => "etc",
+            FileKind::Tmpfiles => "etc",
+        };
+        root.join(dir).join(&self.path)
+    }
+}
+
+/// The rendered stack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// All files, ordered by path.
+    pub files: Vec<RenderedFile>,
+    /// The units `install` enables (the target, the gateway, every model instance).
+    pub enable: Vec<String>,
+    /// The units `validate` checks with `systemd-analyze` (instances, not the template).
+    pub verify: Vec<String>,
+}
+
+impl Rendered {
+    pub fn file(&self, path: &str) -> Option<&RenderedFile> {
+        self.files.iter().find(|f| f.path == Path::new(path))
+    }
+}
+
+/// Renders the whole stack. Pure and deterministic; see the crate docs.
+pub fn render(settings: &Settings) -> Rendered {
+    let mut files = vec![
+        units::target(settings),
+        units::model_template(settings),
+        units::gateway(settings),
+        units::failure_template(settings),
+        units::sysusers(settings),
+        units::tmpfiles(settings),
+    ];
+    files.extend(
+        settings
+            .models
+            .iter()
+            .map(|m| units::model_drop_in(settings, m)),
+    );
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+
+    let model_units: Vec<String> = settings.models.iter().map(|m| m.unit_name()).collect();
+    let mut enable = vec![
+        citadel_config::unit_names::TARGET.to_owned(),
+        citadel_config::unit_names::GATEWAY.to_owned(),
+    ];
+    enable.extend(model_units.iter().cloned());
+    let mut verify = vec![
+        citadel_config::unit_names::TARGET.to_owned(),
+        citadel_config::unit_names::GATEWAY.to_owned(),
+    ];
+    verify.extend(model_units);
+    Rendered {
+        files,
+        enable,
+        verify,
+    }
+}

@@ -1,0 +1,210 @@
+//! The subcommands. Each returns the process exit code or an error (exit 2).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use citadel_config::{ConfigError, HostFacts, Loaded, Report};
+
+use crate::analyze;
+use crate::fsutil;
+use crate::{Cli, Command};
+
+pub const EXIT_INVALID: u8 = 1;
+
+/// Paths resolved against `--root`.
+struct Ctx {
+    root: PathBuf,
+    config: PathBuf,
+}
+
+impl Ctx {
+    fn new(cli: &Cli) -> Ctx {
+        let root = cli.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+        let config = cli
+            .config
+            .clone()
+            .unwrap_or_else(|| rooted(&root, Path::new(citadel_config::DEFAULT_CONFIG_PATH)));
+        Ctx { root, config }
+    }
+
+    /// Loads the config; prints its report (errors and warnings) to stderr.
+    fn load(&self) -> Result<std::result::Result<Loaded, Report>> {
+        match citadel_config::load(&self.config) {
+            Ok(loaded) => Ok(Ok(loaded)),
+            Err(ConfigError::Invalid(report)) => Ok(Err(report)),
+            Err(e @ ConfigError::Read { .. }) => Err(e).context(if self.config.exists() {
+                "cannot load the config".to_owned()
+            } else {
+                format!(
+                    "no config at {}; create one with `citadel-systemd init` or pass --config PATH",
+                    self.config.display()
+                )
+            }),
+        }
+    }
+}
+
+pub fn rooted(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let ctx = Ctx::new(&cli);
+    match cli.command {
+        Command::Init { example } => init(&ctx, &example),
+        Command::Render { out } => render(&ctx, out),
+        Command::Validate { bin_dir } => validate(&ctx, bin_dir),
+        Command::ReportFailure { unit } => report_failure(&unit),
+    }
+}
+
+fn init(ctx: &Ctx, example: &str) -> Result<ExitCode> {
+    if ctx.config.exists() {
+        bail!(
+            "{} already exists; edit it, or remove it first to start from the example",
+            ctx.config.display()
+        );
+    }
+    let text = match example {
+        "sim" => citadel_config::SIM_EXAMPLE_CONFIG,
+        _ => citadel_config::EXAMPLE_CONFIG,
+    };
+    fsutil::write_atomic(&ctx.config, text.as_bytes(), 0o640)?;
+    println!("wrote {} (the {example} example)", ctx.config.display());
+    println!("next: edit it, then `citadel-systemd validate` and `citadel-systemd install`");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render(ctx: &Ctx, out: Option<PathBuf>) -> Result<ExitCode> {
+    let loaded = match ctx.load()? {
+        Ok(l) => l,
+        Err(report) => {
+            eprint!("{report}");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
+    if !loaded.report.is_empty() {
+        eprint!("{}", loaded.report);
+    }
+    let out = out.unwrap_or_else(|| rooted(&ctx.root, &loaded.settings.paths.systemd_dir()));
+    let rendered = citadel_render::render(&loaded.settings);
+    let files: Vec<(PathBuf, String)> = rendered
+        .files
+        .iter()
+        .map(|f| (out.join(&f.path), f.contents.clone()))
+        .collect();
+    let mut changes = fsutil::plan(&files);
+    // Files Citadel rendered before that the config no longer produces (a removed model).
+    changes.removed = fsutil::generated_files(&out, 2)
+        .into_iter()
+        .filter(|p| !files.iter().any(|(f, _)| f == p))
+        .collect();
+    fsutil::apply(&files, &changes)?;
+    for p in &changes.added {
+        println!("added    {}", p.display());
+    }
+    for p in &changes.changed {
+        println!("changed  {}", p.display());
+    }
+    for p in &changes.removed {
+        println!("removed  {}", p.display());
+    }
+    println!(
+        "rendered {} files into {} ({} unchanged)",
+        files.len(),
+        out.display(),
+        changes.unchanged
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(ctx: &Ctx, bin_dir: Option<PathBuf>) -> Result<ExitCode> {
+    let loaded = match ctx.load()? {
+        Ok(l) => l,
+        Err(report) => {
+            eprint!("{report}");
+            println!("config   {}: invalid", ctx.config.display());
+            println!("validate: FAILED");
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
+    let s = &loaded.settings;
+    let host = citadel_config::check_host(s, &HostFacts::detect());
+    let warnings = Report::new(
+        &ctx.config,
+        &std::fs::read_to_string(&ctx.config).unwrap_or_default(),
+        loaded
+            .report
+            .diagnostics
+            .iter()
+            .cloned()
+            .chain(host)
+            .collect(),
+    );
+    if !warnings.is_empty() {
+        eprintln!("{warnings}");
+    }
+    println!(
+        "config   {}: ok ({} models, gateway on {}:{})",
+        ctx.config.display(),
+        s.models.len(),
+        s.gateway.listen,
+        s.gateway.port
+    );
+    let rendered = citadel_render::render(s);
+    let bin_dir = match bin_dir {
+        Some(d) => d,
+        None => std::env::current_exe()
+            .context("cannot find this program's directory")?
+            .parent()
+            .context("this program has no directory")?
+            .to_owned(),
+    };
+    let analysis = analyze::analyze(s, &rendered, &bin_dir)?;
+    if analysis.verify_ok {
+        println!(
+            "verify   systemd-analyze verify: ok ({} units)",
+            rendered.verify.len() + 1
+        );
+    } else {
+        println!("verify   systemd-analyze verify: FAILED");
+        for line in analysis.verify_output.lines() {
+            println!("         {line}");
+        }
+    }
+    for (i, e) in analysis.exposures.iter().enumerate() {
+        let label = if i == 0 { "security" } else { "" };
+        let verdict = if e.score <= e.target {
+            "ok"
+        } else {
+            "TOO EXPOSED"
+        };
+        println!(
+            "{label:<8} {:<40} exposure {:.1} (target <= {:.1}) {verdict}",
+            e.unit, e.score, e.target
+        );
+    }
+    if analysis.ok() {
+        println!("validate: ok");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("validate: FAILED");
+        Ok(ExitCode::from(EXIT_INVALID))
+    }
+}
+
+/// Sends one entry with PRIORITY=2 (critical) to journald's native socket.
+fn report_failure(unit: &str) -> Result<ExitCode> {
+    let message = format!(
+        "MESSAGE=Citadel unit {unit} failed; see `citadel-systemd status` and `journalctl -u {unit}`\nPRIORITY=2\nSYSLOG_IDENTIFIER=citadel-failure\nCITADEL_FAILED_UNIT={unit}\nCITADEL_EVENT=unit-failed\n"
+    );
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    match sock.send_to(message.as_bytes(), "/run/systemd/journal/socket") {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("CRITICAL: Citadel unit {unit} failed (journal unavailable: {e})");
+            Ok(ExitCode::from(2))
+        }
+    }
+}

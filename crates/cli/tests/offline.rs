@@ -1,0 +1,179 @@
+//! `init`, `render` and `validate` against a temporary root: the offline half of
+//! the CLI, including systemd's own `systemd-analyze verify` and `security`.
+
+mod harness;
+
+use harness::{bin_dir, Cli};
+
+const ONE_MODEL: &str = "[models.phi3]\nport = 11403\nengine = \"sim\"\n";
+
+fn eight_models() -> String {
+    let mut t = String::new();
+    for i in 0..8 {
+        t.push_str(&format!(
+            "[models.m{i}]\nport = {}\nengine = \"sim\"\nmemory_max = \"1G\"\n",
+            11400 + i
+        ));
+    }
+    t
+}
+
+fn validate(cli: &Cli) -> harness::Run {
+    let dir = bin_dir();
+    cli.run(&["validate", "--bin-dir", dir.to_str().unwrap()])
+}
+
+#[test]
+fn init_writes_the_example_and_refuses_to_overwrite() {
+    let cli = Cli::new();
+    cli.run(&["init"]).expect_code(0);
+    let text = std::fs::read_to_string(cli.config_path()).unwrap();
+    assert_eq!(text, citadel_config::EXAMPLE_CONFIG);
+    std::fs::write(cli.config_path(), "# mine\n").unwrap();
+    let again = cli.run(&["init"]);
+    again.expect_code(2);
+    assert!(
+        again.stderr().contains("already exists"),
+        "{}",
+        again.stderr()
+    );
+    assert_eq!(
+        std::fs::read_to_string(cli.config_path()).unwrap(),
+        "# mine\n"
+    );
+}
+
+#[test]
+fn render_writes_every_file_and_is_idempotent() {
+    let cli = Cli::new();
+    cli.run(&["init"]).expect_code(0);
+    let first = cli.run(&["render"]);
+    first.expect_code(0);
+    assert!(
+        first.stdout().contains("rendered 10 files"),
+        "{}",
+        first.stdout()
+    );
+    let dir = cli.path("/opt/citadel/config/systemd");
+    assert!(dir
+        .join("citadel-model@mixtral.service.d/50-citadel.conf")
+        .is_file());
+    assert!(dir.join("sysusers.d/citadel.conf").is_file());
+    let second = cli.run(&["render"]);
+    assert!(
+        second.stdout().contains("(10 unchanged)"),
+        "{}",
+        second.stdout()
+    );
+    assert!(!second.stdout().contains("added"));
+}
+
+#[test]
+fn render_removes_a_dropped_model_but_keeps_operator_files() {
+    let cli = Cli::new();
+    cli.write_config(&eight_models());
+    cli.run(&["render"]).expect_code(0);
+    let dir = cli.path("/opt/citadel/config/systemd");
+    std::fs::write(
+        dir.join("citadel-model@m7.service.d/override.conf"),
+        "[Service]\nNice=5\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("notes.txt"), "operator notes\n").unwrap();
+    cli.write_config(ONE_MODEL);
+    let out = cli.run(&["render"]);
+    out.expect_code(0);
+    assert!(out.stdout().contains("removed"), "{}", out.stdout());
+    assert!(!dir.join("citadel-model@m0.service.d").exists());
+    assert!(!dir
+        .join("citadel-model@m7.service.d/50-citadel.conf")
+        .exists());
+    assert!(dir
+        .join("citadel-model@m7.service.d/override.conf")
+        .is_file());
+    assert!(dir.join("notes.txt").is_file());
+}
+
+#[test]
+fn render_out_dir() {
+    let cli = Cli::new();
+    cli.write_config(ONE_MODEL);
+    let out = cli.path("/elsewhere");
+    cli.run(&["render", "--out", out.to_str().unwrap()])
+        .expect_code(0);
+    assert!(out.join("citadel-gateway.service").is_file());
+}
+
+#[test]
+fn validate_passes_on_the_example_stack() {
+    let cli = Cli::new();
+    cli.run(&["init"]).expect_code(0);
+    let out = validate(&cli);
+    out.expect_code(0);
+    let s = out.stdout();
+    assert!(s.contains("verify   systemd-analyze verify: ok"), "{s}");
+    assert!(s.contains("validate: ok"), "{s}");
+    assert_eq!(s.matches("(target <= 3.0) ok").count(), 4, "{s}");
+    assert!(s.contains("citadel-gateway.service"), "{s}");
+}
+
+#[test]
+fn validate_passes_on_one_and_eight_models() {
+    for text in [ONE_MODEL.to_owned(), eight_models()] {
+        let cli = Cli::new();
+        cli.write_config(&text);
+        let out = validate(&cli);
+        out.expect_code(0);
+        assert!(out.stdout().contains("validate: ok"));
+    }
+}
+
+#[test]
+fn validate_fails_with_located_errors() {
+    let cli = Cli::new();
+    cli.write_config("[models.a]\nport = 11400\nengine = \"sim\"\n[models.b]\nport = 11400\nengine = \"sim\"\nmemory_max = \"9 parsecs\"\n");
+    let out = validate(&cli);
+    out.expect_code(1);
+    let err = out.stderr();
+    let path = cli.config_path();
+    assert!(err.contains(&format!("{}:5:8", path.display())), "{err}");
+    assert!(
+        err.contains("port 11400 is already used by model `a`"),
+        "{err}"
+    );
+    assert!(err.contains("unknown size unit"), "{err}");
+    assert!(out.stdout().contains("validate: FAILED"));
+}
+
+#[test]
+fn validate_without_config_points_to_init() {
+    let cli = Cli::new();
+    let out = cli.run(&["validate"]);
+    out.expect_code(2);
+    assert!(
+        out.stderr().contains("citadel-systemd init"),
+        "{}",
+        out.stderr()
+    );
+}
+
+#[test]
+fn validate_names_missing_binaries() {
+    let cli = Cli::new();
+    cli.write_config(ONE_MODEL);
+    let empty = cli.path("/empty-bin");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = cli.run(&["validate", "--bin-dir", empty.to_str().unwrap()]);
+    out.expect_code(2);
+    assert!(
+        out.stderr().contains("was not found in"),
+        "{}",
+        out.stderr()
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let cli = Cli::new();
+    cli.run(&["frobnicate"]).expect_code(2);
+}
