@@ -1,1 +1,59 @@
-fn main() {}
+//! `citadel-gateway --config PATH [--api-keys-file PATH] [--listen ADDR]`
+//!
+//! Exit status: 0 after a clean stop, 78 (EX_CONFIG) when the configuration
+//! cannot work (invalid config, auth on without keys), 1 on other errors,
+//! 2 on bad command-line usage.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(name = "citadel-gateway", version, about = "OpenAI-compatible, health-aware API gateway")]
+struct Cli {
+    /// The stack's config file.
+    #[arg(long, env = "CITADEL_CONFIG", default_value = citadel_config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Read API keys from this file instead of the systemd credential
+    /// `$CREDENTIALS_DIRECTORY/api-keys` (development and tests).
+    #[arg(long, value_name = "PATH")]
+    api_keys_file: Option<PathBuf>,
+    /// Listen on ADDR instead of gateway.listen:gateway.port (port 0 = ephemeral).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    citadel_log::init("citadel-gateway");
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e
+                .downcast_ref::<citadel_gateway::StartError>()
+                .map_or(1, |s| s.exit_code());
+            tracing::error!("{e:#}");
+            eprintln!("citadel-gateway: {e:#}");
+            std::process::ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let keys = match cli.api_keys_file {
+        Some(p) => citadel_gateway::KeySource::File(p),
+        None => citadel_gateway::KeySource::Credential,
+    };
+    rt.block_on(citadel_gateway::run_service(citadel_gateway::ServiceOptions {
+        config: cli.config,
+        keys,
+        listen: cli.listen,
+    }))?;
+    Ok(())
+}

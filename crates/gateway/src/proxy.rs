@@ -1,0 +1,511 @@
+//! Request handling: the OpenAI-compatible API, health endpoints and metrics.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use crate::body::{scan_tokens, GwBody};
+use crate::error::GatewayError;
+use crate::metrics::{ModelLabel, ModelStatus};
+use crate::routes::{Backend, Health, ModelRoute, Table};
+use crate::Shared;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) plus ones the gateway owns.
+const STRIP_REQUEST: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "authorization",
+    "content-length",
+    "expect",
+];
+const STRIP_RESPONSE: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The formatted error chain of a client error (connection refused etc.).
+pub fn err_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Accounting for one proxied request; completes (metrics, in-flight, the
+/// journal entry) when the response body ends or is dropped.
+pub struct Finish {
+    shared: Arc<Shared>,
+    backend: Arc<Backend>,
+    model: String,
+    status: u16,
+    t0: Instant,
+    request_id: HeaderValue,
+    tokens: Option<u64>,
+    outcome: &'static str,
+}
+
+impl Finish {
+    pub fn saw_data(&mut self, data: &Bytes) {
+        if let Some(t) = scan_tokens(data) {
+            self.tokens = Some(t);
+        }
+    }
+    pub fn upstream_error(&mut self) {
+        self.outcome = "upstream_error";
+    }
+    pub fn complete(&mut self) {
+        if self.outcome == "aborted" {
+            self.outcome = "ok";
+        }
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Relaxed);
+        self.shared
+            .metrics
+            .in_flight
+            .get_or_create(&model_label(&self.model))
+            .dec();
+        account(
+            &self.shared,
+            &self.model,
+            self.status,
+            self.t0,
+            &self.request_id,
+            self.tokens,
+            self.outcome,
+        );
+    }
+}
+
+fn model_label(model: &str) -> ModelLabel {
+    ModelLabel {
+        model: model.to_owned(),
+    }
+}
+
+/// Metrics and the one journal entry per API request.
+fn account(
+    shared: &Shared,
+    model: &str,
+    status: u16,
+    t0: Instant,
+    request_id: &HeaderValue,
+    tokens: Option<u64>,
+    outcome: &'static str,
+) {
+    let elapsed = t0.elapsed();
+    let m = &shared.metrics;
+    m.requests
+        .get_or_create(&ModelStatus {
+            model: model.to_owned(),
+            status,
+        })
+        .inc();
+    m.latency
+        .get_or_create(&model_label(model))
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(
+        request_id = request_id.to_str().unwrap_or("-"),
+        model,
+        status,
+        latency_ms = (elapsed.as_micros() as f64) / 1000.0,
+        tokens,
+        outcome,
+        "request"
+    );
+}
+
+fn request_id(shared: &Shared, headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    let n = shared.ids.fetch_add(1, Relaxed);
+    let s = format!("{:016x}{:016x}", shared.id_seed, n);
+    HeaderValue::from_str(&s).expect("hex is a valid header value")
+}
+
+#[derive(Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<GwBody>, Infallible> {
+    let t0 = Instant::now();
+    let rid = request_id(&shared, req.headers());
+    let table = shared.table();
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let is_api = req.uri().path().starts_with("/v1/");
+    let mut resp = if req.method() == Method::OPTIONS {
+        preflight(&table, origin.as_ref())
+    } else {
+        match dispatch(&shared, &table, req, t0, &rid).await {
+            Ok(r) => r,
+            Err((model, e)) => {
+                if is_api {
+                    account(
+                        &shared,
+                        &model,
+                        e.status().as_u16(),
+                        t0,
+                        &rid,
+                        None,
+                        e.code_str(),
+                    );
+                }
+                e.to_response()
+            }
+        }
+    };
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
+    if let Some(o) = origin {
+        cors(&table, &o, resp.headers_mut());
+    }
+    Ok(resp)
+}
+
+type Failed = (String, GatewayError);
+
+async fn dispatch(
+    shared: &Arc<Shared>,
+    table: &Arc<Table>,
+    req: Request<Incoming>,
+    t0: Instant,
+    rid: &HeaderValue,
+) -> Result<Response<GwBody>, Failed> {
+    let path = req.uri().path();
+    let no_model = |e| (String::new(), e);
+    match (req.method(), path) {
+        (&Method::GET, "/health") => return Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
+        (&Method::GET, "/health/ready") => {
+            let (ready, total) = table.ready_count();
+            let status = if ready > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let body = serde_json::json!({"ready": ready > 0, "models_ready": ready, "models": total});
+            return Ok(json(status, body.to_string()));
+        }
+        (&Method::GET, "/health/models") => return Ok(json(StatusCode::OK, models_health(table))),
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(GwBody::full(shared.metrics.encode()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            return Ok(r);
+        }
+        _ => {}
+    }
+    let api = matches!(
+        (req.method(), path),
+        (&Method::GET, "/v1/models")
+            | (&Method::POST, "/v1/chat/completions")
+            | (&Method::POST, "/v1/completions")
+            | (&Method::POST, "/v1/embeddings")
+    );
+    if !api {
+        return Err(no_model(GatewayError::NotFound {
+            method: req.method().to_string(),
+            path: path.chars().take(200).collect(),
+        }));
+    }
+    if shared.stopping.load(Relaxed) {
+        return Err(no_model(GatewayError::Draining));
+    }
+    if let Some(auth) = &table.auth {
+        let h = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        if let Err(e) = auth.check(h) {
+            if matches!(e, GatewayError::RateLimited { .. }) {
+                shared.metrics.rate_limited.inc();
+            }
+            return Err(no_model(e));
+        }
+    }
+    if req.method() == Method::GET {
+        return Ok(json(StatusCode::OK, models_list(table)));
+    }
+    proxy(shared, table, req, t0, rid).await
+}
+
+async fn proxy(
+    shared: &Arc<Shared>,
+    table: &Arc<Table>,
+    req: Request<Incoming>,
+    t0: Instant,
+    rid: &HeaderValue,
+) -> Result<Response<GwBody>, Failed> {
+    let no_model = |e| (String::new(), e);
+    let gw = &table.gateway;
+    let limit = gw.max_body.bytes();
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit {
+            return Err(no_model(GatewayError::BodyTooLarge { limit }));
+        }
+    }
+    let (mut parts, body) = req.into_parts();
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    let bytes = match tokio::time::timeout(gw.header_timeout.duration(), limited.collect()).await {
+        Err(_) => return Err(no_model(GatewayError::BodyTimeout)),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(no_model(GatewayError::BodyTooLarge { limit }))
+        }
+        Ok(Err(_)) => return Err(no_model(GatewayError::BodyRead)),
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    let peek: Peek = serde_json::from_slice(&bytes)
+        .map_err(|e| no_model(GatewayError::BadJson(e.to_string())))?;
+    let _stream = peek.stream.unwrap_or(false);
+    let asked: String = match peek.model {
+        Some(m) if !m.is_empty() => m.into_owned(),
+        _ => return Err(no_model(GatewayError::MissingModel)),
+    };
+    let Some(route) = table.by_name.get(asked.as_str()) else {
+        let shown: String = asked.chars().take(100).collect();
+        return Err(no_model(GatewayError::UnknownModel(shown)));
+    };
+    let model = route.name.clone();
+    let body = if asked != route.name {
+        rewrite_model(&bytes, &route.name).map_err(|e| (model.clone(), e))?
+    } else {
+        bytes
+    };
+    drop(asked);
+
+    // Upstream request head, reused for retries.
+    for h in STRIP_REQUEST {
+        parts.headers.remove(*h);
+    }
+    parts.headers.insert(X_REQUEST_ID.clone(), rid.clone());
+    let path_q = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+
+    let mut tried: Vec<usize> = Vec::new();
+    shared.metrics.in_flight.get_or_create(&model_label(&model)).inc();
+    loop {
+        let Some((idx, backend)) = route.pick(&tried) else {
+            shared.metrics.in_flight.get_or_create(&model_label(&model)).dec();
+            let err = if tried.is_empty() {
+                not_ready(route, gw)
+            } else {
+                GatewayError::UpstreamFailed(model.clone())
+            };
+            return Err((model, err));
+        };
+        tried.push(idx);
+        let backend = backend.clone();
+        let uri: hyper::Uri = match format!("{}{}", backend.base, path_q).parse() {
+            Ok(u) => u,
+            Err(_) => continue,
+        };
+        let mut up = Request::new(Full::new(body.clone()));
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        *up.headers_mut() = parts.headers.clone();
+        backend.in_flight.fetch_add(1, Relaxed);
+        let t_send = Instant::now();
+        let res = tokio::time::timeout(gw.request_timeout.duration(), shared.client.request(up)).await;
+        let upstream_wait = t_send.elapsed();
+        match res {
+            Ok(Ok(resp)) => {
+                let (mut rparts, inner) = resp.into_parts();
+                for h in STRIP_RESPONSE {
+                    rparts.headers.remove(*h);
+                }
+                let finish = Finish {
+                    shared: shared.clone(),
+                    backend,
+                    model,
+                    status: rparts.status.as_u16(),
+                    t0,
+                    request_id: rid.clone(),
+                    tokens: None,
+                    outcome: "aborted",
+                };
+                let resp = Response::from_parts(rparts, GwBody::Stream { inner, finish });
+                let overhead = t0.elapsed().saturating_sub(upstream_wait);
+                shared.metrics.overhead.observe(overhead.as_secs_f64());
+                return Ok(resp);
+            }
+            Ok(Err(e)) => {
+                backend.in_flight.fetch_sub(1, Relaxed);
+                let msg = err_chain(&e);
+                if e.is_connect() {
+                    // Nothing was sent: eject this replica and try another.
+                    tracing::warn!(request_id = rid.to_str().unwrap_or("-"), model = %model, backend = %backend.base, error = %msg, "connection to backend failed; retrying on another replica");
+                    backend.eject(&shared.metrics, msg);
+                    shared.status_changed.notify_one();
+                    shared.metrics.upstream_retries.inc();
+                    continue;
+                }
+                tracing::warn!(request_id = rid.to_str().unwrap_or("-"), model = %model, backend = %backend.base, error = %msg, "backend request failed");
+                shared.metrics.in_flight.get_or_create(&model_label(&model)).dec();
+                return Err((model.clone(), GatewayError::UpstreamFailed(model)));
+            }
+            Err(_) => {
+                backend.in_flight.fetch_sub(1, Relaxed);
+                shared.metrics.in_flight.get_or_create(&model_label(&model)).dec();
+                return Err((model.clone(), GatewayError::UpstreamTimeout(model)));
+            }
+        }
+    }
+}
+
+fn not_ready(route: &ModelRoute, gw: &citadel_config::Gateway) -> GatewayError {
+    let state = match route.health() {
+        Health::Loading => "loading",
+        Health::Ready => "busy",
+        _ => "down",
+    };
+    GatewayError::NotReady {
+        model: route.name.clone(),
+        state,
+        retry_after: gw.probe_interval.duration().as_secs().max(1),
+    }
+}
+
+/// Replaces an alias by the model's served name (the only case where the
+/// request body is re-encoded).
+fn rewrite_model(bytes: &[u8], name: &str) -> Result<Bytes, GatewayError> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("model".into(), serde_json::Value::String(name.to_owned()));
+    }
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|e| GatewayError::BadJson(e.to_string()))
+}
+
+fn json(status: StatusCode, body: String) -> Response<GwBody> {
+    let mut r = Response::new(GwBody::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn models_list(table: &Table) -> String {
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut data = Vec::new();
+    for m in table.models.iter().filter(|m| m.health() == Health::Ready) {
+        data.push(serde_json::json!({"id": m.name, "object": "model", "created": created, "owned_by": "citadel"}));
+        for a in &m.aliases {
+            data.push(serde_json::json!({"id": a, "object": "model", "created": created, "owned_by": "citadel", "root": m.name}));
+        }
+    }
+    serde_json::json!({"object": "list", "data": data}).to_string()
+}
+
+fn models_health(table: &Table) -> String {
+    let models: Vec<_> = table
+        .models
+        .iter()
+        .map(|m| {
+            let backends: Vec<_> = m.backends.iter().map(|b| b.status_json()).collect();
+            // The model's probe latency and error: from its first ready backend, else the first.
+            let main = m
+                .backends
+                .iter()
+                .find(|b| b.health() == Health::Ready)
+                .or(m.backends.first())
+                .map(|b| b.status_json())
+                .unwrap_or_default();
+            serde_json::json!({
+                "name": m.name,
+                "aliases": m.aliases,
+                "state": m.health().as_str(),
+                "last_probe_latency_ms": main.get("last_probe_latency_ms"),
+                "last_error": main.get("last_error"),
+                "backends": backends,
+            })
+        })
+        .collect();
+    serde_json::json!({ "models": models }).to_string()
+}
+
+fn origin_allowed(table: &Table, origin: &HeaderValue) -> bool {
+    let list = &table.gateway.cors_origins;
+    list.iter()
+        .any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
+}
+
+fn cors(table: &Table, origin: &HeaderValue, h: &mut HeaderMap) {
+    if origin_allowed(table, origin) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("x-request-id, retry-after"),
+        );
+    }
+}
+
+fn preflight(table: &Table, origin: Option<&HeaderValue>) -> Response<GwBody> {
+    match origin {
+        Some(o) if origin_allowed(table, o) => {
+            let mut r = Response::new(GwBody::empty());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            let h = r.headers_mut();
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, POST, OPTIONS"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("authorization, content-type, x-request-id"),
+            );
+            h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(600u32));
+            r
+        }
+        _ => GatewayError::NotFound {
+            method: "OPTIONS".into(),
+            path: String::new(),
+        }
+        .to_response(),
+    }
+}

@@ -1,0 +1,303 @@
+//! The routing table: models, their aliases and their backends (replicas),
+//! with health state kept per backend by background probes and passive ejection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
+use crate::metrics::{BackendLabel, Metrics};
+use crate::Shared;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    /// Not probed yet.
+    Unknown = 0,
+    Ready = 1,
+    /// The health endpoint answers, but not 200 (e.g. 503 while loading).
+    Loading = 2,
+    /// Connection failed or timed out.
+    Down = 3,
+}
+
+impl Health {
+    fn from_u8(v: u8) -> Health {
+        match v {
+            1 => Health::Ready,
+            2 => Health::Loading,
+            3 => Health::Down,
+            _ => Health::Unknown,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown | Health::Down => "down",
+            Health::Ready => "ready",
+            Health::Loading => "loading",
+        }
+    }
+}
+
+/// One upstream serving a model.
+pub struct Backend {
+    pub model: String,
+    /// `http://host:port` without a trailing slash.
+    pub base: String,
+    pub health_path: String,
+    state: AtomicU8,
+    pub in_flight: AtomicUsize,
+    last_latency_us: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    /// Set when a reload removed this backend; its prober then stops.
+    retired: AtomicBool,
+}
+
+impl Backend {
+    fn new(model: &str, base: &str, health_path: &str) -> Backend {
+        Backend {
+            model: model.to_owned(),
+            base: base.trim_end_matches('/').to_owned(),
+            health_path: health_path.to_owned(),
+            state: AtomicU8::new(Health::Unknown as u8),
+            in_flight: AtomicUsize::new(0),
+            last_latency_us: AtomicU64::new(u64::MAX),
+            last_error: Mutex::new(None),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.state.load(Relaxed))
+    }
+
+    fn set(&self, metrics: &Metrics, h: Health, err: Option<String>) {
+        let old = Health::from_u8(self.state.swap(h as u8, Relaxed));
+        if let Ok(mut e) = self.last_error.lock() {
+            if err.is_some() || h == Health::Ready {
+                *e = err;
+            }
+        }
+        metrics
+            .backend_up
+            .get_or_create(&BackendLabel {
+                model: self.model.clone(),
+                backend: self.base.clone(),
+            })
+            .set(i64::from(h == Health::Ready));
+        if old != h {
+            match h {
+                Health::Ready => {
+                    tracing::info!(model = %self.model, backend = %self.base, "backend ready")
+                }
+                _ => tracing::warn!(model = %self.model, backend = %self.base, state = h.as_str(), "backend not serving"),
+            }
+        }
+    }
+
+    /// Passive ejection after a failed connection; the next good probe restores it.
+    pub fn eject(&self, metrics: &Metrics, err: String) {
+        self.set(metrics, Health::Down, Some(err));
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let lat = self.last_latency_us.load(Relaxed);
+        serde_json::json!({
+            "url": self.base,
+            "state": self.health().as_str(),
+            "in_flight": self.in_flight.load(Relaxed),
+            "last_probe_latency_ms": (lat != u64::MAX).then(|| lat as f64 / 1000.0),
+            "last_error": self.last_error.lock().ok().and_then(|e| e.clone()),
+        })
+    }
+}
+
+pub struct ModelRoute {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub backends: Vec<Arc<Backend>>,
+    rr: AtomicUsize,
+}
+
+impl ModelRoute {
+    pub fn health(&self) -> Health {
+        let mut best = Health::Down;
+        for b in &self.backends {
+            match b.health() {
+                Health::Ready => return Health::Ready,
+                Health::Loading => best = Health::Loading,
+                _ => {}
+            }
+        }
+        best
+    }
+
+    /// The ready backend with the fewest requests in flight (ties rotate),
+    /// skipping those in `tried`.
+    pub fn pick(&self, tried: &[usize]) -> Option<(usize, &Arc<Backend>)> {
+        let n = self.backends.len();
+        let start = if n > 1 { self.rr.fetch_add(1, Relaxed) % n } else { 0 };
+        let mut best: Option<(usize, usize)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if tried.contains(&i) {
+                continue;
+            }
+            let b = &self.backends[i];
+            if b.health() != Health::Ready {
+                continue;
+            }
+            let load = b.in_flight.load(Relaxed);
+            if best.is_none_or(|(_, l)| load < l) {
+                best = Some((i, load));
+            }
+        }
+        best.map(|(i, _)| (i, &self.backends[i]))
+    }
+}
+
+/// Everything a reload replaces.
+pub struct Table {
+    pub gateway: citadel_config::Gateway,
+    pub models: Vec<Arc<ModelRoute>>,
+    pub by_name: HashMap<String, Arc<ModelRoute>>,
+    pub auth: Option<crate::auth::Auth>,
+}
+
+impl Table {
+    /// Builds the table, reusing backends (and their health and in-flight
+    /// state) from `old` when a model keeps the same URL and health path.
+    pub fn build(
+        settings: &citadel_config::Settings,
+        auth: Option<crate::auth::Auth>,
+        old: Option<&Table>,
+    ) -> (Table, Vec<Arc<Backend>>) {
+        let mut existing: HashMap<(String, String, String), Arc<Backend>> = HashMap::new();
+        if let Some(old) = old {
+            for m in &old.models {
+                for b in &m.backends {
+                    existing.insert((b.model.clone(), b.base.clone(), b.health_path.clone()), b.clone());
+                }
+            }
+        }
+        let mut new_backends = Vec::new();
+        let mut models = Vec::new();
+        let mut by_name = HashMap::new();
+        for m in &settings.models {
+            let name = m.name.as_str().to_owned();
+            let mut urls = vec![m.local_url()];
+            urls.extend(m.replicas.iter().cloned());
+            let mut backends = Vec::new();
+            for u in urls {
+                let u = u.trim_end_matches('/').to_owned();
+                if backends.iter().any(|b: &Arc<Backend>| b.base == u) {
+                    continue;
+                }
+                let key = (name.clone(), u.clone(), m.health_path.clone());
+                let b = match existing.remove(&key) {
+                    Some(b) => b,
+                    None => {
+                        let b = Arc::new(Backend::new(&name, &u, &m.health_path));
+                        new_backends.push(b.clone());
+                        b
+                    }
+                };
+                backends.push(b);
+            }
+            let route = Arc::new(ModelRoute {
+                name: name.clone(),
+                aliases: m.aliases.clone(),
+                backends,
+                rr: AtomicUsize::new(0),
+            });
+            for a in &m.aliases {
+                by_name.entry(a.clone()).or_insert_with(|| route.clone());
+            }
+            by_name.insert(name, route.clone());
+            models.push(route);
+        }
+        for (_, b) in existing {
+            b.retired.store(true, Relaxed);
+        }
+        (
+            Table {
+                gateway: settings.gateway.clone(),
+                models,
+                by_name,
+                auth,
+            },
+            new_backends,
+        )
+    }
+
+    pub fn ready_count(&self) -> (usize, usize) {
+        let ready = self
+            .models
+            .iter()
+            .filter(|m| m.health() == Health::Ready)
+            .count();
+        (ready, self.models.len())
+    }
+}
+
+/// Probes one backend every `probe_interval` until it is retired or the gateway stops.
+pub fn spawn_prober(shared: Arc<Shared>, b: Arc<Backend>) {
+    tokio::spawn(async move {
+        let uri: hyper::Uri = match format!("{}{}", b.base, b.health_path).parse() {
+            Ok(u) => u,
+            Err(e) => {
+                b.set(&shared.metrics, Health::Down, Some(format!("bad backend URL: {e}")));
+                return;
+            }
+        };
+        loop {
+            if b.retired.load(Relaxed) || shared.stopping.load(Relaxed) {
+                return;
+            }
+            let interval = shared.table().gateway.probe_interval.duration();
+            let timeout = interval.clamp(Duration::from_millis(500), Duration::from_secs(5));
+            let t0 = Instant::now();
+            let req = hyper::Request::get(uri.clone())
+                .header("user-agent", "citadel-gateway-probe")
+                .body(Full::new(Bytes::new()))
+                .expect("valid probe request");
+            let res = tokio::time::timeout(timeout, async {
+                let resp = shared.client.request(req).await?;
+                let status = resp.status();
+                // Drain so the connection can be reused.
+                let _ = resp.into_body().collect().await;
+                Ok::<_, hyper_util::client::legacy::Error>(status)
+            })
+            .await;
+            let lat = t0.elapsed();
+            match res {
+                Ok(Ok(s)) if s == hyper::StatusCode::OK => {
+                    b.last_latency_us.store(lat.as_micros() as u64, Relaxed);
+                    b.set(&shared.metrics, Health::Ready, None)
+                }
+                Ok(Ok(s)) => {
+                    b.last_latency_us.store(lat.as_micros() as u64, Relaxed);
+                    b.set(
+                        &shared.metrics,
+                        Health::Loading,
+                        Some(format!("health check answered {s}")),
+                    )
+                }
+                Ok(Err(e)) => b.set(&shared.metrics, Health::Down, Some(crate::proxy::err_chain(&e))),
+                Err(_) => b.set(
+                    &shared.metrics,
+                    Health::Down,
+                    Some(format!("health check timed out after {timeout:?}")),
+                ),
+            }
+            shared.status_changed.notify_one();
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = shared.stop_notify.notified() => {}
+            }
+        }
+    });
+}
