@@ -1,1 +1,150 @@
-fn main() {}
+//! `citadel-model [--config PATH] run NAME`: supervise one model's engine as a
+//! systemd notify service. `citadel-model [--config PATH] command NAME`: print
+//! the engine command line and environment `run` would use. Exit statuses are
+//! documented in the library (`citadel_supervisor`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use citadel_config::{ConfigError, Settings};
+use citadel_supervisor::notify::Notifier;
+use citadel_supervisor::profile::{engine_command, EngineDirs};
+use citadel_supervisor::{RunOptions, EXIT_CONFIG, EXIT_SOFTWARE};
+use clap::{Parser, Subcommand};
+use tracing::Instrument;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "citadel-model",
+    version,
+    about = "Runs one model's inference engine under systemd: readiness, watchdog, clean stop"
+)]
+struct Cli {
+    /// The stack config.
+    #[arg(long, env = "CITADEL_CONFIG", default_value = citadel_config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the model's engine until SIGTERM (the unit's ExecStart=).
+    Run {
+        /// The model, as named in `[models.NAME]`.
+        name: String,
+        /// How often EXTEND_TIMEOUT_USEC is re-sent while loading.
+        #[arg(long, hide = true, default_value = "20s", value_parser = parse_span)]
+        extend_interval: Duration,
+        /// How far each EXTEND_TIMEOUT_USEC reaches.
+        #[arg(long, hide = true, default_value = "60s", value_parser = parse_span)]
+        extend_by: Duration,
+        /// How often STATUS= reports loading progress.
+        #[arg(long, hide = true, default_value = "5s", value_parser = parse_span)]
+        status_interval: Duration,
+    },
+    /// Print the engine command line and environment `run` would use.
+    Command {
+        /// The model, as named in `[models.NAME]`.
+        name: String,
+    },
+}
+
+fn parse_span(s: &str) -> Result<Duration, String> {
+    citadel_config::units::Timespan::parse(s).map(|t| t.duration())
+}
+
+/// A failure with the exit status it maps to.
+struct Failure(u8, anyhow::Error);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    citadel_log::init("citadel-model");
+    match real_main(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure(code, e)) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn load(cli: &Cli) -> Result<Settings, Failure> {
+    match citadel_config::load(&cli.config) {
+        Ok(loaded) => {
+            if !loaded.report.is_empty() {
+                eprintln!("{}", loaded.report);
+            }
+            Ok(loaded.settings)
+        }
+        Err(ConfigError::Invalid(report)) => {
+            eprintln!("{report}");
+            Err(Failure(
+                EXIT_CONFIG,
+                anyhow::anyhow!("{} is invalid", cli.config.display()),
+            ))
+        }
+        Err(e) => Err(Failure(EXIT_CONFIG, anyhow::Error::new(e))),
+    }
+}
+
+fn real_main(cli: Cli) -> Result<u8, Failure> {
+    let settings = load(&cli)?;
+    let name = match &cli.command {
+        Cmd::Run { name, .. } | Cmd::Command { name } => name,
+    };
+    let Some(model) = settings.model(name) else {
+        let known: Vec<&str> = settings.models.iter().map(|m| m.name.as_str()).collect();
+        return Err(Failure(
+            EXIT_CONFIG,
+            anyhow::anyhow!(
+                "model `{name}` is not in {} (models: {})",
+                cli.config.display(),
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        ));
+    };
+    let dirs = EngineDirs::from_env(model, &settings.paths.models);
+    let cmd = engine_command(model, &dirs);
+    match cli.command {
+        Cmd::Command { .. } => {
+            print!("{cmd}");
+            Ok(0)
+        }
+        Cmd::Run {
+            extend_interval,
+            extend_by,
+            status_interval,
+            ..
+        } => {
+            let opts = RunOptions {
+                extend_interval,
+                extend_by,
+                status_interval,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")
+                .map_err(|e| Failure(EXIT_SOFTWARE, e))?;
+            let notifier = Notifier::from_env();
+            let span = tracing::info_span!(
+                "supervisor",
+                model = %model.name,
+                engine = %model.engine.kind(),
+                port = model.port.get()
+            );
+            let outcome = rt
+                .block_on(citadel_supervisor::run(model, &cmd, &notifier, &opts).instrument(span))
+                .context("supervisor failed")
+                .map_err(|e| Failure(EXIT_SOFTWARE, e))?;
+            Ok(outcome.exit_code())
+        }
+    }
+}
