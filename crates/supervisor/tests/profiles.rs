@@ -55,7 +55,8 @@ args = ["--load-time", "2s", "--tokens-per-second", "50"]
 "#;
 
 fn render(name: &str) -> String {
-    let loaded = citadel_config::parse(CONFIG, Path::new("citadel.toml")).expect("test config is valid");
+    let loaded =
+        citadel_config::parse(CONFIG, Path::new("citadel.toml")).expect("test config is valid");
     let model = loaded.settings.model(name).expect("model in test config");
     let dirs = EngineDirs {
         cache: PathBuf::from(format!("/var/cache/citadel/{name}")),
