@@ -57,7 +57,7 @@ pub fn analyze(settings: &Settings, rendered: &Rendered, bin_dir: &Path) -> Resu
     let root_arg = format!("--root={}", root.path().display());
 
     let mut verify_units: Vec<String> = rendered.verify.clone();
-    verify_units.push(citadel_render::FAILURE_UNIT.replace("@.", "@citadel-gateway.service."));
+    verify_units.push(citadel_render::FAILURE_UNIT.replace("@.", "@citadel-gateway."));
     let out = Command::new(&tool)
         .arg("verify")
         .arg(&root_arg)

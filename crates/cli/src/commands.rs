@@ -4,10 +4,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use citadel_config::{ConfigError, HostFacts, Loaded, Report};
+use citadel_config::{ConfigError, HostFacts, Loaded, Report, Settings};
 
 use crate::analyze;
+use crate::control;
 use crate::fsutil;
+use crate::observe;
 use crate::{Cli, Command};
 
 pub const EXIT_INVALID: u8 = 1;
@@ -56,7 +58,96 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Render { out } => render(&ctx, out),
         Command::Validate { bin_dir } => validate(&ctx, bin_dir),
         Command::ReportFailure { unit } => report_failure(&unit),
+        Command::Install { dry_run, bin_dir } => with_settings(&ctx, |s| {
+            let bin_dir = bin_dir.map_or_else(own_dir, Ok)?;
+            block_on(crate::install::install(
+                &ctx.root,
+                &ctx.config,
+                s,
+                &bin_dir,
+                dry_run,
+            ))
+        }),
+        Command::Uninstall { purge } => {
+            let settings = ctx.load()?.ok().map(|l| l.settings);
+            block_on(crate::install::uninstall(
+                &ctx.root,
+                settings.as_ref(),
+                purge,
+            ))
+        }
+        Command::Start { services } => {
+            with_settings(&ctx, |s| block_on(control::jobs(s, "start", &services)))
+        }
+        Command::Stop { services } => {
+            with_settings(&ctx, |s| block_on(control::jobs(s, "stop", &services)))
+        }
+        Command::Restart { services } => {
+            with_settings(&ctx, |s| block_on(control::jobs(s, "restart", &services)))
+        }
+        Command::Reload { services } => {
+            with_settings(&ctx, |s| block_on(control::jobs(s, "reload", &services)))
+        }
+        Command::Enable { services } => {
+            with_settings(&ctx, |s| block_on(control::enable(s, &services, true)))
+        }
+        Command::Disable { services } => {
+            with_settings(&ctx, |s| block_on(control::enable(s, &services, false)))
+        }
+        Command::Status { services, json } => {
+            with_settings(&ctx, |s| block_on(observe::status(s, &services, json)))
+        }
+        Command::Health { json, watch } => {
+            with_settings(&ctx, |s| block_on(observe::health(s, json, watch)))
+        }
+        Command::Logs {
+            services,
+            follow,
+            since,
+            priority,
+            lines,
+            json,
+        } => with_settings(&ctx, |s| {
+            observe::logs(
+                s,
+                &services,
+                &observe::LogOptions {
+                    follow,
+                    since,
+                    priority,
+                    json,
+                    lines,
+                },
+            )
+        }),
     }
+}
+
+/// Runs `f` with the loaded settings; a config with errors prints its report and exits 1.
+fn with_settings(ctx: &Ctx, f: impl FnOnce(&Settings) -> Result<ExitCode>) -> Result<ExitCode> {
+    match ctx.load()? {
+        Ok(loaded) => f(&loaded.settings),
+        Err(report) => {
+            eprint!("{report}");
+            Ok(ExitCode::from(EXIT_INVALID))
+        }
+    }
+}
+
+fn block_on<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(fut)
+}
+
+fn own_dir() -> Result<PathBuf> {
+    Ok(std::env::current_exe()
+        .context("cannot find this program's directory")?
+        .parent()
+        .context("this program has no directory")?
+        .to_owned())
 }
 
 fn init(ctx: &Ctx, example: &str) -> Result<ExitCode> {
@@ -153,14 +244,7 @@ fn validate(ctx: &Ctx, bin_dir: Option<PathBuf>) -> Result<ExitCode> {
         s.gateway.port
     );
     let rendered = citadel_render::render(s);
-    let bin_dir = match bin_dir {
-        Some(d) => d,
-        None => std::env::current_exe()
-            .context("cannot find this program's directory")?
-            .parent()
-            .context("this program has no directory")?
-            .to_owned(),
-    };
+    let bin_dir = bin_dir.map_or_else(own_dir, Ok)?;
     let analysis = analyze::analyze(s, &rendered, &bin_dir)?;
     if analysis.verify_ok {
         println!(

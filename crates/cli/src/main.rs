@@ -3,11 +3,20 @@
 //! Exit codes:
 //! - 0: success;
 //! - 1: validation failed (the config, `systemd-analyze verify` or the security targets);
-//! - 2: usage or runtime error (bad arguments, unreadable files, a failing tool).
+//! - 2: usage or runtime error (bad arguments, unreadable files, a failing tool,
+//!   systemd not running as PID 1);
+//! - 3: a service did not reach the requested state (`start`, `stop`, ...).
+//!
+//! `health` has its own: 0 healthy, 1 degraded, 2 down.
 
 mod analyze;
 mod commands;
+mod control;
 mod fsutil;
+mod install;
+mod observe;
+mod services;
+mod systemd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +58,64 @@ enum Command {
         /// Where citadel-model and citadel-gateway are [default: next to this program]
         #[arg(long, value_name = "DIR")]
         bin_dir: Option<PathBuf>,
+    },
+    /// Install the stack: users, directories, binaries, units; enable citadel.target
+    Install {
+        /// Show what would change, change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Where the built binaries are [default: next to this program]
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
+    },
+    /// Stop, disable and remove the units (keeps config, models, credentials, state)
+    Uninstall {
+        /// Also remove config, credentials, models, state, binaries and the user
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Start services (default: the whole stack) and wait until they are ready
+    Start { services: Vec<String> },
+    /// Stop services (default: the whole stack; the gateway stops first)
+    Stop { services: Vec<String> },
+    /// Restart services (default: the whole stack)
+    Restart { services: Vec<String> },
+    /// Reload the gateway's config, API keys and limits without dropping connections
+    Reload { services: Vec<String> },
+    /// Enable services at boot (default: the whole stack)
+    Enable { services: Vec<String> },
+    /// Disable services at boot (default: the whole stack)
+    Disable { services: Vec<String> },
+    /// Show state, uptime, PID, memory, restarts, port and status text
+    Status {
+        services: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Combine systemd's state with live probes; exit 0 healthy, 1 degraded, 2 down
+    Health {
+        #[arg(long)]
+        json: bool,
+        /// Keep watching; print when something changes
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Show the journal of Citadel's services, interleaved (default: all)
+    Logs {
+        services: Vec<String>,
+        #[arg(short, long)]
+        follow: bool,
+        /// e.g. "10 min ago", "today", "2026-11-26 08:00"
+        #[arg(long)]
+        since: Option<String>,
+        /// e.g. err, warning, info
+        #[arg(short, long)]
+        priority: Option<String>,
+        /// Number of most recent lines
+        #[arg(short = 'n', long)]
+        lines: Option<u32>,
+        #[arg(long)]
+        json: bool,
     },
     /// Log a critical, structured journal entry about a failed unit (used by OnFailure=)
     #[command(hide = true)]

@@ -123,7 +123,7 @@ pub fn model_template(settings: &Settings) -> RenderedFile {
         .set("Description", "Citadel model %i")
         .set("PartOf", unit_names::TARGET)
         .set("After", "network.target nvidia-persistenced.service")
-        .set("OnFailure", "citadel-failure@%n.service")
+        .set("OnFailure", "citadel-failure@%N.service")
         .comment("A crash loop ends in `failed` instead of restarting forever.")
         .set("StartLimitIntervalSec", "10min")
         .set("StartLimitBurst", "5");
@@ -304,7 +304,7 @@ pub fn gateway(settings: &Settings) -> RenderedFile {
             .collect::<Vec<_>>()
             .join(" "),
     )
-    .set("OnFailure", "citadel-failure@%n.service")
+    .set("OnFailure", "citadel-failure@%N.service")
     .set("StartLimitIntervalSec", "5min")
     .set("StartLimitBurst", "5");
     w.section("Service")
@@ -370,7 +370,10 @@ pub fn failure_template(settings: &Settings) -> RenderedFile {
         .set("Type", "oneshot")
         .set(
             "ExecStart",
-            format!("{} report-failure %i", bin(settings, "citadel-systemd")),
+            format!(
+                "{} report-failure %i.service",
+                bin(settings, "citadel-systemd")
+            ),
         )
         .set("SyslogIdentifier", "citadel-failure")
         .set("LogExtraFields", "CITADEL_SERVICE=failure");

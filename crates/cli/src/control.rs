@@ -1,0 +1,153 @@
+//! `start`, `stop`, `restart`, `reload`, `enable`, `disable`: jobs over D-Bus,
+//! waited for, with live progress while models load.
+
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use citadel_config::{unit_names, Settings};
+
+use crate::services::{resolve, short_name};
+use crate::systemd::Systemd;
+
+/// Exit status when a unit did not reach the requested state.
+pub const EXIT_FAILED: u8 = 3;
+
+pub async fn jobs(settings: &Settings, verb: &str, names: &[String]) -> Result<ExitCode> {
+    let systemd = Systemd::connect().await?;
+    let whole_stack = names.is_empty();
+    let mut units = resolve(settings, names)?;
+    match verb {
+        "reload" => {
+            if let Some(model) = units.iter().find(|u| *u != unit_names::GATEWAY) {
+                if !whole_stack {
+                    bail!("{} cannot reload (an engine reloads by restarting): use `citadel-systemd restart {}`", short_name(model), short_name(model));
+                }
+            }
+            units.retain(|u| u == unit_names::GATEWAY);
+        }
+        // Stopping the target first stops everything PartOf it in one transaction,
+        // so systemd orders it: the gateway stops before the models it is After=.
+        // Asking for each unit's stop afterwards returns those same jobs to wait for.
+        "stop" => {
+            units.sort_by_key(|u| u != unit_names::GATEWAY);
+            if whole_stack {
+                units.insert(0, unit_names::TARGET.to_owned());
+            }
+        }
+        "start" | "restart" if whole_stack => units.push(unit_names::TARGET.to_owned()),
+        _ => {}
+    }
+    if matches!(verb, "start" | "restart") {
+        for u in &units {
+            systemd.reset_failed(u).await;
+        }
+    }
+    let started = Instant::now();
+    println!(
+        "{verb}: {}",
+        units
+            .iter()
+            .map(|u| short_name(u))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let outcomes = systemd
+        .run_jobs(verb, &units, Duration::from_millis(250), |unit, status| {
+            println!("  {:<10} {status}", short_name(unit));
+        })
+        .await?;
+    let mut failed = Vec::new();
+    for o in &outcomes {
+        if o.result == "done" {
+            continue;
+        }
+        failed.push(o.unit.clone());
+    }
+    // After the jobs, the units' own view (a job can be `done` while the unit failed later).
+    let mut lines = Vec::new();
+    for u in units.iter().filter(|u| u.ends_with(".service")) {
+        let st = systemd.unit_state(u).await?;
+        let want_active = verb != "stop";
+        let ok = if want_active {
+            st.active_state == "active"
+        } else {
+            st.active_state != "active" && st.active_state != "deactivating"
+        };
+        if !ok && !failed.contains(u) {
+            failed.push(u.clone());
+        }
+        let status = if st.status_text.is_empty() {
+            String::new()
+        } else {
+            format!(" - {}", st.status_text)
+        };
+        lines.push(format!(
+            "  {:<10} {} ({}){status}",
+            short_name(u),
+            st.active_state,
+            st.sub_state
+        ));
+    }
+    for l in &lines {
+        println!("{l}");
+    }
+    println!(
+        "{verb}: {} in {:.1} s",
+        if failed.is_empty() { "done" } else { "FAILED" },
+        started.elapsed().as_secs_f64()
+    );
+    if failed.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for u in &failed {
+        let st = systemd.unit_state(u).await?;
+        let job = outcomes
+            .iter()
+            .find(|o| &o.unit == u)
+            .map_or("-", |o| o.result.as_str());
+        eprintln!(
+            "\n{u}: job {job}, unit {} ({}), result {}",
+            st.active_state, st.sub_state, st.result
+        );
+        eprintln!("last journal lines:");
+        let out = Command::new("journalctl")
+            .args(["--no-pager", "-o", "short-iso", "-n", "15", "-u", u])
+            .output();
+        if let Ok(out) = out {
+            eprint!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+    }
+    Ok(ExitCode::from(EXIT_FAILED))
+}
+
+pub async fn enable(settings: &Settings, names: &[String], on: bool) -> Result<ExitCode> {
+    let systemd = Systemd::connect().await?;
+    let mut units = resolve(settings, names)?;
+    if names.is_empty() {
+        units.push(unit_names::TARGET.to_owned());
+    }
+    let changes = if on {
+        systemd.enable(&units).await?
+    } else {
+        systemd.disable(&units).await?
+    };
+    for (kind, from, to) in &changes {
+        if to.is_empty() {
+            println!("  {kind} {from}");
+        } else {
+            println!("  {kind} {from} -> {to}");
+        }
+    }
+    systemd.daemon_reload().await?;
+    println!(
+        "{}: {}",
+        if on { "enabled" } else { "disabled" },
+        units
+            .iter()
+            .map(|u| short_name(u))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,418 @@
+//! `install` and `uninstall`: files into place, users and directories, units
+//! enabled. Idempotent: a re-run shows and applies only the difference, and
+//! never touches a file Citadel did not generate (an operator's drop-in).
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use citadel_config::{unit_names, Engine, Settings};
+use citadel_render::{FileKind, Rendered};
+
+use crate::commands::rooted;
+use crate::fsutil::{self, Changes};
+use crate::systemd::{ensure_booted, Systemd};
+
+/// Citadel's binaries, installed into `/opt/citadel/bin`.
+const BINARIES: &[&str] = &[
+    "citadel-systemd",
+    "citadel-model",
+    "citadel-gateway",
+    "citadel-engine-sim",
+];
+
+pub struct Plan {
+    /// Text files: (target path, contents, mode).
+    files: Vec<(PathBuf, String, u32)>,
+    changes: Changes,
+    /// Binaries: (source, target).
+    binaries: Vec<(PathBuf, PathBuf)>,
+    binaries_changed: Vec<PathBuf>,
+    /// Units whose files were added, changed or removed.
+    units_changed: bool,
+    /// Instances of models no longer configured (to stop and disable).
+    removed_units: Vec<String>,
+}
+
+fn unit_dir(root: &Path) -> PathBuf {
+    rooted(root, Path::new("/etc/systemd/system"))
+}
+
+/// Works out what `install` would change under `root`.
+pub fn plan(
+    root: &Path,
+    config: &Path,
+    settings: &Settings,
+    rendered: &Rendered,
+    bin_dir: &Path,
+) -> Result<Plan> {
+    let config_target = rooted(root, &settings.paths.config_dir().join("citadel.toml"));
+    let render_dir = rooted(root, &settings.paths.systemd_dir());
+    let mut files = Vec::new();
+    if fs::canonicalize(config).ok() != fs::canonicalize(&config_target).ok() {
+        let text = fs::read_to_string(config)
+            .with_context(|| format!("cannot read {}", config.display()))?;
+        files.push((config_target, text, 0o640));
+    }
+    for f in &rendered.files {
+        files.push((render_dir.join(&f.path), f.contents.clone(), 0o644));
+        files.push((f.install_path(root), f.contents.clone(), 0o644));
+    }
+    let pairs: Vec<(PathBuf, String)> = files
+        .iter()
+        .map(|(p, c, _)| (p.clone(), c.clone()))
+        .collect();
+    let mut changes = fsutil::plan(&pairs);
+    // Generated files no longer rendered: in the unit directory and our render directory.
+    for dir in [unit_dir(root), render_dir.clone()] {
+        for stale in fsutil::generated_files(&dir, 1) {
+            if !pairs.iter().any(|(p, _)| *p == stale) && !changes.removed.contains(&stale) {
+                changes.removed.push(stale);
+            }
+        }
+    }
+    let unit_root = unit_dir(root);
+    let units_changed = changes
+        .added
+        .iter()
+        .chain(&changes.changed)
+        .chain(&changes.removed)
+        .any(|p| p.starts_with(&unit_root));
+    let removed_units = changes
+        .removed
+        .iter()
+        .filter(|p| p.starts_with(&unit_root))
+        .filter_map(|p| {
+            let name = p.parent()?.file_name()?.to_str()?;
+            name.strip_suffix(".d")
+                .filter(|u| u.starts_with("citadel-model@"))
+                .map(str::to_owned)
+        })
+        .collect();
+
+    let needs_sim = settings.models.iter().any(
+        |m| matches!(&m.engine, Engine::Sim { binary } if binary.starts_with(settings.paths.bin())),
+    );
+    let mut binaries = Vec::new();
+    let mut binaries_changed = Vec::new();
+    for name in BINARIES {
+        let source = bin_dir.join(name);
+        let target = rooted(root, &settings.paths.bin().join(name));
+        if !source.is_file() {
+            if *name != "citadel-engine-sim" || needs_sim {
+                bail!(
+                    "{name} was not found in {}; build the workspace or pass --bin-dir DIR",
+                    bin_dir.display()
+                );
+            }
+            continue;
+        }
+        if !same_file_contents(&source, &target) {
+            binaries_changed.push(target.clone());
+        }
+        binaries.push((source, target));
+    }
+    Ok(Plan {
+        files,
+        changes,
+        binaries,
+        binaries_changed,
+        units_changed,
+        removed_units,
+    })
+}
+
+impl Plan {
+    pub fn print(&self) {
+        for p in &self.changes.added {
+            println!("  add      {}", p.display());
+        }
+        for p in &self.changes.changed {
+            println!("  change   {}", p.display());
+        }
+        for p in &self.changes.removed {
+            println!("  remove   {}", p.display());
+        }
+        for p in &self.binaries_changed {
+            println!("  update   {}", p.display());
+        }
+        let n = self.changes.added.len()
+            + self.changes.changed.len()
+            + self.changes.removed.len()
+            + self.binaries_changed.len();
+        if n == 0 {
+            println!(
+                "  nothing to change ({} files up to date)",
+                self.changes.unchanged + self.binaries.len()
+            );
+        }
+    }
+}
+
+pub async fn install(
+    root: &Path,
+    config: &Path,
+    settings: &Settings,
+    bin_dir: &Path,
+    dry_run: bool,
+) -> Result<ExitCode> {
+    let started = Instant::now();
+    if !dry_run {
+        ensure_booted()?;
+        if !nix_is_root() {
+            bail!("install changes /etc and /opt/citadel: run it as root");
+        }
+    }
+    let rendered = citadel_render::render(settings);
+    let plan = plan(root, config, settings, &rendered, bin_dir)?;
+    println!("{}install plan:", if dry_run { "dry run: " } else { "" });
+    plan.print();
+    if dry_run {
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    // Users and directories first, so files can be given their owners.
+    let sysusers = rendered
+        .files
+        .iter()
+        .find(|f| f.kind == FileKind::Sysusers)
+        .expect("rendered");
+    let tmpfiles = rendered
+        .files
+        .iter()
+        .find(|f| f.kind == FileKind::Tmpfiles)
+        .expect("rendered");
+    write_if_changed(&sysusers.install_path(root), &sysusers.contents)?;
+    run_tool(
+        "systemd-sysusers",
+        &[sysusers.install_path(root).as_os_str()],
+    )?;
+    write_if_changed(&tmpfiles.install_path(root), &tmpfiles.contents)?;
+    run_tool(
+        "systemd-tmpfiles",
+        &["--create".as_ref(), tmpfiles.install_path(root).as_os_str()],
+    )?;
+
+    for (source, target) in &plan.binaries {
+        if plan.binaries_changed.contains(target) {
+            let bytes =
+                fs::read(source).with_context(|| format!("cannot read {}", source.display()))?;
+            fsutil::write_atomic(target, &bytes, 0o755)?;
+        }
+    }
+    let pairs: Vec<(PathBuf, String)> = plan
+        .files
+        .iter()
+        .map(|(p, c, _)| (p.clone(), c.clone()))
+        .collect();
+    fsutil::apply(&pairs, &plan.changes)?;
+    // The services read the config as group `citadel`; nobody else may.
+    let config_target = rooted(root, &settings.paths.config_dir().join("citadel.toml"));
+    fs::set_permissions(
+        &config_target,
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )?;
+    let gid = group_id(root, &settings.service.group).with_context(|| {
+        format!(
+            "group `{}` does not exist after systemd-sysusers",
+            settings.service.group
+        )
+    })?;
+    std::os::unix::fs::chown(&config_target, Some(0), Some(gid)).with_context(|| {
+        format!(
+            "cannot give {} to group {}",
+            config_target.display(),
+            settings.service.group
+        )
+    })?;
+    if settings.gateway.auth {
+        ensure_api_key(&rooted(root, &settings.gateway.api_keys_file))?;
+    }
+    let files_done = started.elapsed();
+
+    let systemd = Systemd::connect().await?;
+    if !plan.removed_units.is_empty() {
+        println!("stopping removed models: {}", plan.removed_units.join(" "));
+        systemd
+            .run_jobs(
+                "stop",
+                &plan.removed_units,
+                std::time::Duration::from_secs(1),
+                |_, _| {},
+            )
+            .await?;
+        systemd.disable(&plan.removed_units).await.ok();
+    }
+    let reload_started = Instant::now();
+    if plan.units_changed {
+        systemd.daemon_reload().await?;
+    }
+    let reload_took = reload_started.elapsed();
+    systemd.enable(&rendered.enable).await?;
+    println!(
+        "installed: {} units enabled ({}); files in {} ms, daemon-reload {} ms",
+        rendered.enable.len(),
+        unit_names::TARGET,
+        files_done.as_millis(),
+        reload_took.as_millis()
+    );
+    if plan.units_changed {
+        println!(
+            "changed units take effect when restarted: `citadel-systemd restart [SERVICE...]`"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn uninstall(root: &Path, settings: Option<&Settings>, purge: bool) -> Result<ExitCode> {
+    ensure_booted()?;
+    let systemd = Systemd::connect().await?;
+    let units_dir = unit_dir(root);
+    // Every unit of ours that is enabled or configured, whatever the config says now.
+    let mut units: Vec<String> =
+        fs::read_dir(units_dir.join(format!("{}.wants", unit_names::TARGET)))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+    if let Some(s) = settings {
+        units.extend(s.models.iter().map(|m| m.unit_name()));
+    }
+    units.push(unit_names::GATEWAY.to_owned());
+    units.sort();
+    units.dedup();
+    let mut stop = vec![unit_names::TARGET.to_owned()];
+    stop.extend(units.iter().cloned());
+    systemd
+        .run_jobs("stop", &stop, std::time::Duration::from_secs(1), |_, _| {})
+        .await?;
+    let mut disable = units.clone();
+    disable.push(unit_names::TARGET.to_owned());
+    systemd.disable(&disable).await.ok();
+    let generated = fsutil::generated_files(&units_dir, 1);
+    let changes = Changes {
+        removed: generated.clone(),
+        ..Changes::default()
+    };
+    fsutil::apply(&[], &changes)?;
+    for path in &generated {
+        println!("  removed  {}", path.display());
+    }
+    for f in [
+        "/etc/sysusers.d/citadel.conf",
+        "/etc/tmpfiles.d/citadel.conf",
+    ] {
+        let p = rooted(root, Path::new(f));
+        if fsutil::is_generated(&p) && !purge {
+            // Kept: the user and directories stay until --purge.
+            continue;
+        }
+        if fs::remove_file(&p).is_ok() {
+            println!("  removed  {}", p.display());
+        }
+    }
+    systemd.daemon_reload().await?;
+    for u in &units {
+        systemd.reset_failed(u).await;
+    }
+    if purge {
+        let (home, creds) = match settings {
+            Some(s) => (s.paths.home.clone(), s.paths.credentials.clone()),
+            None => (
+                PathBuf::from("/opt/citadel"),
+                PathBuf::from("/etc/citadel/credentials"),
+            ),
+        };
+        for dir in [
+            home,
+            creds,
+            PathBuf::from("/var/lib/citadel"),
+            PathBuf::from("/var/cache/citadel"),
+        ] {
+            let p = rooted(root, &dir);
+            if p.exists() {
+                fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+                println!("  purged   {}", p.display());
+            }
+        }
+        let _ = fs::remove_dir(rooted(root, Path::new("/etc/citadel")));
+        let user = settings.map_or("citadel", |s| s.service.user.as_str());
+        let _ = Command::new("userdel").arg(user).status();
+        let _ = Command::new("groupdel").arg(user).status();
+        println!("uninstalled and purged (the journal keeps past logs until it rotates them)");
+    } else {
+        println!("uninstalled; kept config, models, credentials, state and binaries (use --purge to remove them)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_if_changed(path: &Path, contents: &str) -> Result<()> {
+    if fs::read_to_string(path).ok().as_deref() != Some(contents) {
+        fsutil::write_atomic(path, contents.as_bytes(), 0o644)?;
+    }
+    Ok(())
+}
+
+fn run_tool(tool: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {tool}"))?;
+    if !out.status.success() {
+        bail!(
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn same_file_contents(a: &Path, b: &Path) -> bool {
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(ma), Ok(mb)) if ma.len() == mb.len() => fs::read(a).ok() == fs::read(b).ok(),
+        _ => false,
+    }
+}
+
+fn group_id(root: &Path, group: &str) -> Option<u32> {
+    let text = fs::read_to_string(rooted(root, Path::new("/etc/group"))).ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == group).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+fn nix_is_root() -> bool {
+    // /proc/self/status "Uid:" real effective saved fs
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Creates the API keys file with one random key when it does not exist yet.
+fn ensure_api_key(path: &Path) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let mut bytes = [0u8; 24];
+    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let text = format!("# Citadel API keys, one per line. Generated by citadel-systemd install.\nsk-citadel-{key}\n");
+    fsutil::write_atomic(path, text.as_bytes(), 0o600)?;
+    println!(
+        "generated an API key in {} (root-only; the gateway reads it as a credential)",
+        path.display()
+    );
+    Ok(())
+}
