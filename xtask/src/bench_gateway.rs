@@ -32,11 +32,20 @@ struct Opts {
 }
 
 fn parse(args: Vec<String>) -> Result<Opts> {
-    let mut o = Opts { seconds: 5, rate: 1000, conns: 16, build: true, open_conns: 1000 };
+    let mut o = Opts {
+        seconds: 5,
+        rate: 1000,
+        conns: 16,
+        build: true,
+        open_conns: 1000,
+    };
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         let mut val = |name: &str| -> Result<u64> {
-            it.next().with_context(|| format!("{name} needs a value"))?.parse().with_context(|| format!("bad {name}"))
+            it.next()
+                .with_context(|| format!("{name} needs a value"))?
+                .parse()
+                .with_context(|| format!("bad {name}"))
         };
         match a.as_str() {
             "--seconds" => o.seconds = val("--seconds")?,
@@ -67,11 +76,16 @@ fn free_port() -> Result<u16> {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
 }
 
 pub fn run(args: Vec<String>) -> Result<()> {
@@ -79,7 +93,14 @@ pub fn run(args: Vec<String>) -> Result<()> {
     if o.build {
         let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(workspace())
-            .args(["build", "--release", "-p", "citadel-gateway", "-p", "citadel-engine-sim"])
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "citadel-gateway",
+                "-p",
+                "citadel-engine-sim",
+            ])
             .status()
             .context("run cargo build")?;
         if !st.success() {
@@ -94,7 +115,16 @@ pub fn run(args: Vec<String>) -> Result<()> {
     let gw_port = free_port()?;
     let sim = Killed(
         Command::new(bin.join("citadel-engine-sim"))
-            .args(["--host", "127.0.0.1", "--port", &sim_port.to_string(), "--model", "bench", "--default-max-tokens", "4"])
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &sim_port.to_string(),
+                "--model",
+                "bench",
+                "--default-max-tokens",
+                "4",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -145,10 +175,16 @@ pub fn run(args: Vec<String>) -> Result<()> {
     println!("warming up…");
     let _ = fixed_rate(direct, &chat, o.rate, Duration::from_secs(1), 64);
     let _ = fixed_rate(via, &chat, o.rate, Duration::from_secs(1), 64);
-    println!("fixed rate {} req/s for {:?}: direct, then via the gateway…", o.rate, secs);
+    println!(
+        "fixed rate {} req/s for {:?}: direct, then via the gateway…",
+        o.rate, secs
+    );
     let fd = fixed_rate(direct, &chat, o.rate, secs, 64)?;
     let fg = fixed_rate(via, &chat, o.rate, secs, 64)?;
-    println!("saturation, {} connections for {:?}: direct, then via the gateway…", o.conns, secs);
+    println!(
+        "saturation, {} connections for {:?}: direct, then via the gateway…",
+        o.conns, secs
+    );
     let sd = closed_loop(direct, &chat, o.conns, secs)?;
     let sg = closed_loop(via, &chat, o.conns, secs)?;
     println!("streaming time to first byte (sequential)…");
@@ -170,20 +206,74 @@ pub fn run(args: Vec<String>) -> Result<()> {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!();
     println!("citadel-gateway benchmark ({} cores; sim and gateway: release builds; load generator: xtask, std threads)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-    println!("{:<44} {:>12} {:>12} {:>12} {:>10}", "measure", "direct", "gateway", "added", "target");
+    println!(
+        "{:<44} {:>12} {:>12} {:>12} {:>10}",
+        "measure", "direct", "gateway", "added", "target"
+    );
     println!("{}", "-".repeat(94));
     let row = |name: &str, d: f64, g: f64, unit: &str, target: &str| {
-        println!("{:<44} {:>10.3}{unit} {:>10.3}{unit} {:>10.3}{unit} {:>10}", name, d, g, g - d, target);
+        println!(
+            "{:<44} {:>10.3}{unit} {:>10.3}{unit} {:>10.3}{unit} {:>10}",
+            name,
+            d,
+            g,
+            g - d,
+            target
+        );
     };
-    row(&format!("latency p50 @ {} req/s", o.rate), ms(fd.p(50.0)), ms(fg.p(50.0)), "ms", "<= 0.15ms");
-    row(&format!("latency p99 @ {} req/s", o.rate), ms(fd.p(99.0)), ms(fg.p(99.0)), "ms", "<= 0.5ms");
+    row(
+        &format!("latency p50 @ {} req/s", o.rate),
+        ms(fd.p(50.0)),
+        ms(fg.p(50.0)),
+        "ms",
+        "<= 0.15ms",
+    );
+    row(
+        &format!("latency p99 @ {} req/s", o.rate),
+        ms(fd.p(99.0)),
+        ms(fg.p(99.0)),
+        "ms",
+        "<= 0.5ms",
+    );
     row("latency max", ms(fd.p(100.0)), ms(fg.p(100.0)), "ms", "");
-    println!("{:<44} {:>12} {:>12}", "requests done / errors", format!("{}/{}", fd.n(), fd.errors), format!("{}/{}", fg.n(), fg.errors));
-    println!("{:<44} {:>10.0}/s {:>10.0}/s {:>11.2}x {:>10}", format!("saturation throughput ({} conns)", o.conns), sd.rps, sg.rps, sg.rps / sd.rps.max(1.0), ">= 0.5x");
-    row("stream TTFB p50", ms(td.p(50.0)), ms(tg.p(50.0)), "ms", "<= 1ms");
+    println!(
+        "{:<44} {:>12} {:>12}",
+        "requests done / errors",
+        format!("{}/{}", fd.n(), fd.errors),
+        format!("{}/{}", fg.n(), fg.errors)
+    );
+    println!(
+        "{:<44} {:>10.0}/s {:>10.0}/s {:>11.2}x {:>10}",
+        format!("saturation throughput ({} conns)", o.conns),
+        sd.rps,
+        sg.rps,
+        sg.rps / sd.rps.max(1.0),
+        ">= 0.5x"
+    );
+    row(
+        "stream TTFB p50",
+        ms(td.p(50.0)),
+        ms(tg.p(50.0)),
+        "ms",
+        "<= 1ms",
+    );
     row("stream TTFB p99", ms(td.p(99.0)), ms(tg.p(99.0)), "ms", "");
-    println!("{:<44} {:>12} {:>10.1}MB {:>12} {:>10}", "gateway RSS idle", "", rss_idle as f64 / 1024.0, "", "<= 30MB");
-    println!("{:<44} {:>12} {:>10.1}MB {:>12} {:>10}", format!("gateway RSS with {} open connections", o.open_conns), "", rss_conns as f64 / 1024.0, "", "<= 80MB");
+    println!(
+        "{:<44} {:>12} {:>10.1}MB {:>12} {:>10}",
+        "gateway RSS idle",
+        "",
+        rss_idle as f64 / 1024.0,
+        "",
+        "<= 30MB"
+    );
+    println!(
+        "{:<44} {:>12} {:>10.1}MB {:>12} {:>10}",
+        format!("gateway RSS with {} open connections", o.open_conns),
+        "",
+        rss_conns as f64 / 1024.0,
+        "",
+        "<= 80MB"
+    );
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }
@@ -234,7 +324,11 @@ impl Conn {
         let s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Conn { addr, s, buf: Vec::with_capacity(16 * 1024) })
+        Ok(Conn {
+            addr,
+            s,
+            buf: Vec::with_capacity(16 * 1024),
+        })
     }
 
     fn reconnect(&mut self) -> Result<()> {
@@ -264,7 +358,10 @@ impl Conn {
             self.fill()?;
         };
         let head = std::str::from_utf8(&self.buf[..head_end])?.to_ascii_lowercase();
-        let status: u16 = head.get(9..12).and_then(|s| s.parse().ok()).context("status line")?;
+        let status: u16 = head
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .context("status line")?;
         let chunked = head.contains("transfer-encoding: chunked");
         let len: Option<usize> = head
             .lines()
@@ -284,7 +381,8 @@ impl Conn {
                     self.fill()?;
                 };
                 let size_str = std::str::from_utf8(&self.buf[pos..line_end])?;
-                let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)?;
+                let size =
+                    usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)?;
                 let need = line_end + 2 + size + 2;
                 while self.buf.len() < need {
                     self.fill()?;
@@ -327,7 +425,13 @@ impl Lat {
 }
 
 /// Open loop: request i is due at start + i/rate; latency counts from the due time.
-fn fixed_rate(addr: SocketAddr, req: &[u8], rate: u64, dur: Duration, workers: usize) -> Result<Lat> {
+fn fixed_rate(
+    addr: SocketAddr,
+    req: &[u8],
+    rate: u64,
+    dur: Duration,
+    workers: usize,
+) -> Result<Lat> {
     let total = rate * dur.as_secs().max(1);
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now() + Duration::from_millis(50);
@@ -359,7 +463,10 @@ fn fixed_rate(addr: SocketAddr, req: &[u8], rate: u64, dur: Duration, workers: u
             }
         }));
     }
-    let mut all = Lat { us: Vec::new(), errors: 0 };
+    let mut all = Lat {
+        us: Vec::new(),
+        errors: 0,
+    };
     for h in hs {
         let (l, e) = h.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
         all.us.extend(l);
@@ -399,7 +506,9 @@ fn closed_loop(addr: SocketAddr, req: &[u8], conns: usize, dur: Duration) -> Res
     for h in hs {
         let _ = h.join();
     }
-    Ok(Sat { rps: n as f64 / el.as_secs_f64() })
+    Ok(Sat {
+        rps: n as f64 / el.as_secs_f64(),
+    })
 }
 
 fn ttfb(addr: SocketAddr, req: &[u8], n: usize) -> Result<Lat> {

@@ -110,7 +110,10 @@ impl Auth {
     /// Checks `Authorization: Bearer KEY` and the key's rate limit.
     pub fn check(&self, authorization: Option<&[u8]>) -> Result<(), GatewayError> {
         let token = authorization
-            .and_then(|h| h.strip_prefix(b"Bearer ").or_else(|| h.strip_prefix(b"bearer ")))
+            .and_then(|h| {
+                h.strip_prefix(b"Bearer ")
+                    .or_else(|| h.strip_prefix(b"bearer "))
+            })
             .map(|t| t.trim_ascii())
             .ok_or(GatewayError::MissingKey)?;
         // Compare against every key (no early exit) so timing reveals nothing.
@@ -151,11 +154,16 @@ mod tests {
     fn auth_and_limit() {
         let a = Auth::new(vec![b"k1".to_vec(), b"k2".to_vec()], 2);
         assert!(matches!(a.check(None), Err(GatewayError::MissingKey)));
-        assert!(matches!(a.check(Some(b"Bearer nope")), Err(GatewayError::BadKey)));
+        assert!(matches!(
+            a.check(Some(b"Bearer nope")),
+            Err(GatewayError::BadKey)
+        ));
         assert!(a.check(Some(b"Bearer k2")).is_ok());
         assert!(a.check(Some(b"Bearer k2")).is_ok());
         match a.check(Some(b"Bearer k2")) {
-            Err(GatewayError::RateLimited { retry_after }) => assert!((1..=31).contains(&retry_after)),
+            Err(GatewayError::RateLimited { retry_after }) => {
+                assert!((1..=31).contains(&retry_after))
+            }
             other => panic!("{other:?}"),
         }
         assert!(a.check(Some(b"Bearer k1")).is_ok());

@@ -62,8 +62,13 @@ impl GatewayError {
     fn kind(&self) -> &'static str {
         use GatewayError::*;
         match self {
-            UnknownModel(_) | BadJson(_) | MissingModel | BodyTooLarge { .. } | NotFound { .. }
-            | BodyTimeout | BodyRead => "invalid_request_error",
+            UnknownModel(_)
+            | BadJson(_)
+            | MissingModel
+            | BodyTooLarge { .. }
+            | NotFound { .. }
+            | BodyTimeout
+            | BodyRead => "invalid_request_error",
             MissingKey | BadKey => "invalid_request_error",
             RateLimited { .. } => "rate_limit_error",
             NotReady { .. } | Draining | UpstreamTimeout(_) | UpstreamFailed(_) => "server_error",

@@ -158,12 +158,7 @@ pub async fn start(
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (conns_tx, conns_rx) = mpsc::channel::<()>(1);
-    let accept_task = tokio::spawn(accept_loop(
-        shared.clone(),
-        listener,
-        shutdown_rx,
-        conns_tx,
-    ));
+    let accept_task = tokio::spawn(accept_loop(shared.clone(), listener, shutdown_rx, conns_tx));
     Ok(Server {
         addr,
         shared,
@@ -270,8 +265,12 @@ impl Server {
     /// dropping connections. On error the old configuration stays.
     pub fn reload(&self, settings: &citadel_config::Settings) -> Result<(), StartError> {
         let old = self.shared.table();
-        if old.gateway.listen != settings.gateway.listen || old.gateway.port != settings.gateway.port {
-            tracing::warn!("gateway.listen/gateway.port changed: a restart is needed to apply them");
+        if old.gateway.listen != settings.gateway.listen
+            || old.gateway.port != settings.gateway.port
+        {
+            tracing::warn!(
+                "gateway.listen/gateway.port changed: a restart is needed to apply them"
+            );
         }
         let auth = load_auth(settings, &self.shared.keys, old.auth.as_ref())?;
         let (table, backends) = Table::build(settings, auth, Some(&old));
@@ -291,9 +290,14 @@ impl Server {
         self.shared.stop_notify.notify_waiters();
         let _ = self.shutdown_tx.send(true);
         let _ = (&mut self.accept_task).await;
-        let drained = tokio::time::timeout(deadline, self.conns_rx.recv()).await.is_ok();
+        let drained = tokio::time::timeout(deadline, self.conns_rx.recv())
+            .await
+            .is_ok();
         if !drained {
-            tracing::warn!(?deadline, "drain deadline reached; closing remaining connections");
+            tracing::warn!(
+                ?deadline,
+                "drain deadline reached; closing remaining connections"
+            );
         }
         drained
     }

@@ -11,7 +11,11 @@ use anyhow::Context;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "citadel-gateway", version, about = "OpenAI-compatible, health-aware API gateway")]
+#[command(
+    name = "citadel-gateway",
+    version,
+    about = "OpenAI-compatible, health-aware API gateway"
+)]
 struct Cli {
     /// The stack's config file.
     #[arg(long, env = "CITADEL_CONFIG", default_value = citadel_config::DEFAULT_CONFIG_PATH)]
@@ -50,10 +54,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(p) => citadel_gateway::KeySource::File(p),
         None => citadel_gateway::KeySource::Credential,
     };
-    rt.block_on(citadel_gateway::run_service(citadel_gateway::ServiceOptions {
-        config: cli.config,
-        keys,
-        listen: cli.listen,
-    }))?;
+    rt.block_on(citadel_gateway::run_service(
+        citadel_gateway::ServiceOptions {
+            config: cli.config,
+            keys,
+            listen: cli.listen,
+        },
+    ))?;
     Ok(())
 }

@@ -215,8 +215,13 @@ async fn dispatch(
         (&Method::GET, "/health") => return Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
         (&Method::GET, "/health/ready") => {
             let (ready, total) = table.ready_count();
-            let status = if ready > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            let body = serde_json::json!({"ready": ready > 0, "models_ready": ready, "models": total});
+            let status = if ready > 0 {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let body =
+                serde_json::json!({"ready": ready > 0, "models_ready": ready, "models": total});
             return Ok(json(status, body.to_string()));
         }
         (&Method::GET, "/health/models") => return Ok(json(StatusCode::OK, models_health(table))),
@@ -224,7 +229,9 @@ async fn dispatch(
             let mut r = Response::new(GwBody::full(shared.metrics.encode()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             return Ok(r);
         }
@@ -247,7 +254,10 @@ async fn dispatch(
         return Err(no_model(GatewayError::Draining));
     }
     if let Some(auth) = &table.auth {
-        let h = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        let h = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
         if let Err(e) = auth.check(h) {
             if matches!(e, GatewayError::RateLimited { .. }) {
                 shared.metrics.rate_limited.inc();
@@ -322,10 +332,18 @@ async fn proxy(
         .unwrap_or_else(|| "/".into());
 
     let mut tried: Vec<usize> = Vec::new();
-    shared.metrics.in_flight.get_or_create(&model_label(&model)).inc();
+    shared
+        .metrics
+        .in_flight
+        .get_or_create(&model_label(&model))
+        .inc();
     loop {
         let Some((idx, backend)) = route.pick(&tried) else {
-            shared.metrics.in_flight.get_or_create(&model_label(&model)).dec();
+            shared
+                .metrics
+                .in_flight
+                .get_or_create(&model_label(&model))
+                .dec();
             let err = if tried.is_empty() {
                 not_ready(route, gw)
             } else {
@@ -345,7 +363,8 @@ async fn proxy(
         *up.headers_mut() = parts.headers.clone();
         backend.in_flight.fetch_add(1, Relaxed);
         let t_send = Instant::now();
-        let res = tokio::time::timeout(gw.request_timeout.duration(), shared.client.request(up)).await;
+        let res =
+            tokio::time::timeout(gw.request_timeout.duration(), shared.client.request(up)).await;
         let upstream_wait = t_send.elapsed();
         match res {
             Ok(Ok(resp)) => {
@@ -380,12 +399,20 @@ async fn proxy(
                     continue;
                 }
                 tracing::warn!(request_id = rid.to_str().unwrap_or("-"), model = %model, backend = %backend.base, error = %msg, "backend request failed");
-                shared.metrics.in_flight.get_or_create(&model_label(&model)).dec();
+                shared
+                    .metrics
+                    .in_flight
+                    .get_or_create(&model_label(&model))
+                    .dec();
                 return Err((model.clone(), GatewayError::UpstreamFailed(model)));
             }
             Err(_) => {
                 backend.in_flight.fetch_sub(1, Relaxed);
-                shared.metrics.in_flight.get_or_create(&model_label(&model)).dec();
+                shared
+                    .metrics
+                    .in_flight
+                    .get_or_create(&model_label(&model))
+                    .dec();
                 return Err((model.clone(), GatewayError::UpstreamTimeout(model)));
             }
         }
@@ -421,8 +448,10 @@ fn rewrite_model(bytes: &[u8], name: &str) -> Result<Bytes, GatewayError> {
 fn json(status: StatusCode, body: String) -> Response<GwBody> {
     let mut r = Response::new(GwBody::full(body));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 

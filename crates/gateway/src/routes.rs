@@ -93,7 +93,9 @@ impl Backend {
                 Health::Ready => {
                     tracing::info!(model = %self.model, backend = %self.base, "backend ready")
                 }
-                _ => tracing::warn!(model = %self.model, backend = %self.base, state = h.as_str(), "backend not serving"),
+                _ => {
+                    tracing::warn!(model = %self.model, backend = %self.base, state = h.as_str(), "backend not serving")
+                }
             }
         }
     }
@@ -139,7 +141,11 @@ impl ModelRoute {
     /// skipping those in `tried`.
     pub fn pick(&self, tried: &[usize]) -> Option<(usize, &Arc<Backend>)> {
         let n = self.backends.len();
-        let start = if n > 1 { self.rr.fetch_add(1, Relaxed) % n } else { 0 };
+        let start = if n > 1 {
+            self.rr.fetch_add(1, Relaxed) % n
+        } else {
+            0
+        };
         let mut best: Option<(usize, usize)> = None;
         for k in 0..n {
             let i = (start + k) % n;
@@ -179,7 +185,10 @@ impl Table {
         if let Some(old) = old {
             for m in &old.models {
                 for b in &m.backends {
-                    existing.insert((b.model.clone(), b.base.clone(), b.health_path.clone()), b.clone());
+                    existing.insert(
+                        (b.model.clone(), b.base.clone(), b.health_path.clone()),
+                        b.clone(),
+                    );
                 }
             }
         }
@@ -249,7 +258,11 @@ pub fn spawn_prober(shared: Arc<Shared>, b: Arc<Backend>) {
         let uri: hyper::Uri = match format!("{}{}", b.base, b.health_path).parse() {
             Ok(u) => u,
             Err(e) => {
-                b.set(&shared.metrics, Health::Down, Some(format!("bad backend URL: {e}")));
+                b.set(
+                    &shared.metrics,
+                    Health::Down,
+                    Some(format!("bad backend URL: {e}")),
+                );
                 return;
             }
         };
@@ -286,7 +299,11 @@ pub fn spawn_prober(shared: Arc<Shared>, b: Arc<Backend>) {
                         Some(format!("health check answered {s}")),
                     )
                 }
-                Ok(Err(e)) => b.set(&shared.metrics, Health::Down, Some(crate::proxy::err_chain(&e))),
+                Ok(Err(e)) => b.set(
+                    &shared.metrics,
+                    Health::Down,
+                    Some(crate::proxy::err_chain(&e)),
+                ),
                 Err(_) => b.set(
                     &shared.metrics,
                     Health::Down,

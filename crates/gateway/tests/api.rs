@@ -20,7 +20,10 @@ async fn routes_by_model_and_alias_and_lists_ready_models() {
     drop(dead);
     let mut mb = m("beta", b.addr.port());
     mb.aliases = vec!["gpt-4o-mini"];
-    let s = settings(&[m("alpha", a.addr.port()), mb, m("gamma", dead_port)], "auth = false");
+    let s = settings(
+        &[m("alpha", a.addr.port()), mb, m("gamma", dead_port)],
+        "auth = false",
+    );
     let gw = gateway(&s, None).await;
     let c = client();
     wait_model_state(&c, gw.addr(), "alpha", "ready").await;
@@ -32,7 +35,11 @@ async fn routes_by_model_and_alias_and_lists_ready_models() {
     assert_eq!(r.json()["model"], "alpha");
     let r = post_chat(&c, gw.addr(), "gpt-4o-mini").await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["model"], "beta", "alias rewritten to the served name");
+    assert_eq!(
+        r.json()["model"],
+        "beta",
+        "alias rewritten to the served name"
+    );
     assert_eq!(a.stats().completion_requests, 1);
     assert_eq!(b.stats().completion_requests, 1);
 
@@ -48,16 +55,42 @@ async fn routes_by_model_and_alias_and_lists_ready_models() {
     // /v1/models: OpenAI's shape, only models that can serve.
     let v = get(&c, gw.addr(), "/v1/models").await.json();
     assert_eq!(v["object"], "list");
-    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert!(ids.contains(&"alpha") && ids.contains(&"beta") && ids.contains(&"gpt-4o-mini"), "{ids:?}");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"alpha") && ids.contains(&"beta") && ids.contains(&"gpt-4o-mini"),
+        "{ids:?}"
+    );
     assert!(!ids.contains(&"gamma"), "{ids:?}");
-    assert!(v["data"].as_array().unwrap().iter().all(|m| m["object"] == "model"));
+    assert!(v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["object"] == "model"));
 
     // X-Request-Id: generated, or passed through (to the engine too).
     let r = post_chat(&c, gw.addr(), "alpha").await;
-    let id = r.headers.get("x-request-id").expect("generated id").to_str().unwrap().to_owned();
+    let id = r
+        .headers
+        .get("x-request-id")
+        .expect("generated id")
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(id.len(), 32);
-    let r = send(&c, "POST", gw.addr(), "/v1/chat/completions", Some(&chat("alpha")), &[("x-request-id", "my-req-1")]).await;
+    let r = send(
+        &c,
+        "POST",
+        gw.addr(),
+        "/v1/chat/completions",
+        Some(&chat("alpha")),
+        &[("x-request-id", "my-req-1")],
+    )
+    .await;
     assert_eq!(r.headers.get("x-request-id").unwrap(), "my-req-1");
     let r = get(&c, gw.addr(), "/health").await;
     assert!(r.headers.contains_key("x-request-id"));
@@ -66,10 +99,22 @@ async fn routes_by_model_and_alias_and_lists_ready_models() {
     assert_eq!(get(&c, gw.addr(), "/health").await.status, 200);
     assert_eq!(get(&c, gw.addr(), "/health/ready").await.status, 200);
     let v = get(&c, gw.addr(), "/health/models").await.json();
-    let gamma = v["models"].as_array().unwrap().iter().find(|m| m["name"] == "gamma").unwrap().clone();
+    let gamma = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "gamma")
+        .unwrap()
+        .clone();
     assert_eq!(gamma["state"], "down");
     assert!(gamma["last_error"].is_string(), "{gamma}");
-    let alpha = v["models"].as_array().unwrap().iter().find(|m| m["name"] == "alpha").unwrap().clone();
+    let alpha = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "alpha")
+        .unwrap()
+        .clone();
     assert!(alpha["last_probe_latency_ms"].is_number(), "{alpha}");
     assert_eq!(gw.status(), "serving 2/3 models");
 
@@ -109,18 +154,46 @@ async fn error_statuses_in_openai_shape() {
     let addr = gw.addr();
 
     let r = post_chat(&c, addr, "nope").await;
-    assert_eq!((r.status, r.error_code().as_str()), (404, "model_not_found"));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (404, "model_not_found")
+    );
     let r = post_chat(&c, addr, "slow").await;
-    assert_eq!((r.status, r.error_code().as_str()), (503, "model_not_ready"));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (503, "model_not_ready")
+    );
     assert!(r.headers.get("retry-after").is_some());
     assert!(r.text().contains("loading"), "{}", r.text());
-    let r = send(&c, "POST", addr, "/v1/chat/completions", Some("{not json"), &[]).await;
+    let r = send(
+        &c,
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        Some("{not json"),
+        &[],
+    )
+    .await;
     assert_eq!((r.status, r.error_code().as_str()), (400, "invalid_json"));
-    let r = send(&c, "POST", addr, "/v1/chat/completions", Some("{\"messages\":[]}"), &[]).await;
+    let r = send(
+        &c,
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        Some("{\"messages\":[]}"),
+        &[],
+    )
+    .await;
     assert_eq!((r.status, r.error_code().as_str()), (400, "missing_model"));
-    let big = format!("{{\"model\":\"alpha\",\"prompt\":\"{}\"}}", "x".repeat(2000));
+    let big = format!(
+        "{{\"model\":\"alpha\",\"prompt\":\"{}\"}}",
+        "x".repeat(2000)
+    );
     let r = send(&c, "POST", addr, "/v1/completions", Some(&big), &[]).await;
-    assert_eq!((r.status, r.error_code().as_str()), (413, "request_too_large"));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (413, "request_too_large")
+    );
     let r = get(&c, addr, "/v1/nothing").await;
     assert_eq!(r.status, 404);
     r.error_code();
@@ -142,7 +215,13 @@ async fn ready_is_503_without_serving_models() {
     let c = client();
     wait_model_state(&c, gw.addr(), "slow", "loading").await;
     assert_eq!(get(&c, gw.addr(), "/health/ready").await.status, 503);
-    assert_eq!(get(&c, gw.addr(), "/v1/models").await.json()["data"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        get(&c, gw.addr(), "/v1/models").await.json()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     gw.shutdown(T).await;
 }
 
@@ -151,30 +230,84 @@ async fn auth_and_rate_limit() {
     let a = sim("alpha").await;
     let dir = tempfile::tempdir().unwrap();
     let keys = write_keys(dir.path(), &["sk-one", "sk-two"]);
-    let s = settings(&[m("alpha", a.addr.port())], "auth = true\nrate_limit_per_minute = 3");
+    let s = settings(
+        &[m("alpha", a.addr.port())],
+        "auth = true\nrate_limit_per_minute = 3",
+    );
     let gw = gateway(&s, Some(keys)).await;
     let c = client();
     wait_model_state(&c, gw.addr(), "alpha", "ready").await;
     let addr = gw.addr();
     let body = chat("alpha");
     let r = send(&c, "POST", addr, "/v1/chat/completions", Some(&body), &[]).await;
-    assert_eq!((r.status, r.error_code().as_str()), (401, "missing_api_key"));
-    let r = send(&c, "POST", addr, "/v1/chat/completions", Some(&body), &[("authorization", "Bearer sk-wrong")]).await;
-    assert_eq!((r.status, r.error_code().as_str()), (401, "invalid_api_key"));
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (401, "missing_api_key")
+    );
+    let r = send(
+        &c,
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        Some(&body),
+        &[("authorization", "Bearer sk-wrong")],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (401, "invalid_api_key")
+    );
     let r = get(&c, addr, "/v1/models").await;
     assert_eq!(r.status, 401);
     for _ in 0..3 {
-        let r = send(&c, "POST", addr, "/v1/chat/completions", Some(&body), &[("authorization", "Bearer sk-one")]).await;
+        let r = send(
+            &c,
+            "POST",
+            addr,
+            "/v1/chat/completions",
+            Some(&body),
+            &[("authorization", "Bearer sk-one")],
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    let r = send(&c, "POST", addr, "/v1/chat/completions", Some(&body), &[("authorization", "Bearer sk-one")]).await;
-    assert_eq!((r.status, r.error_code().as_str()), (429, "rate_limit_exceeded"));
-    let ra: u64 = r.headers.get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+    let r = send(
+        &c,
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        Some(&body),
+        &[("authorization", "Bearer sk-one")],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (429, "rate_limit_exceeded")
+    );
+    let ra: u64 = r
+        .headers
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=20).contains(&ra), "retry-after {ra}");
     // Another key has its own budget.
-    let r = send(&c, "POST", addr, "/v1/chat/completions", Some(&body), &[("authorization", "Bearer sk-two")]).await;
+    let r = send(
+        &c,
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        Some(&body),
+        &[("authorization", "Bearer sk-two")],
+    )
+    .await;
     assert_eq!(r.status, 200);
-    assert!(get(&c, addr, "/metrics").await.text().contains("citadel_gateway_rate_limited_total 1"));
+    assert!(get(&c, addr, "/metrics")
+        .await
+        .text()
+        .contains("citadel_gateway_rate_limited_total 1"));
     // Health endpoints need no key.
     assert_eq!(get(&c, addr, "/health").await.status, 200);
     gw.shutdown(T).await;
@@ -206,13 +339,22 @@ async fn replicas_balance_eject_retry_and_recover() {
     let c = client();
     let b_url = format!("http://{b_addr}");
     wait_backend_state(&c, gw.addr(), "alpha", &b_url, "ready").await;
-    wait_backend_state(&c, gw.addr(), "alpha", &format!("http://{}", a.addr), "ready").await;
+    wait_backend_state(
+        &c,
+        gw.addr(),
+        "alpha",
+        &format!("http://{}", a.addr),
+        "ready",
+    )
+    .await;
     // Balanced: both replicas serve.
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let c = c.clone();
         let addr = gw.addr();
-        tasks.push(tokio::spawn(async move { post_chat(&c, addr, "alpha").await.status }));
+        tasks.push(tokio::spawn(async move {
+            post_chat(&c, addr, "alpha").await.status
+        }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
@@ -230,7 +372,10 @@ async fn replicas_balance_eject_retry_and_recover() {
     wait_backend_state(&c, gw.addr(), "alpha", &b_url, "down").await;
     // It comes back on the same address: probes bring it back.
     let b2 = citadel_engine_sim::spawn(
-        SimConfig { models: vec!["alpha".into()], ..Default::default() },
+        SimConfig {
+            models: vec!["alpha".into()],
+            ..Default::default()
+        },
         b_addr,
     )
     .await
@@ -244,14 +389,28 @@ async fn replicas_balance_eject_retry_and_recover() {
 
     // Health fails on a: it goes to loading; requests go to b2 only.
     a.set_fault(FaultUpdate::health_fails(true));
-    wait_backend_state(&c, gw.addr(), "alpha", &format!("http://{}", a.addr), "loading").await;
+    wait_backend_state(
+        &c,
+        gw.addr(),
+        "alpha",
+        &format!("http://{}", a.addr),
+        "loading",
+    )
+    .await;
     let before = a.stats().completion_requests;
     for _ in 0..5 {
         assert_eq!(post_chat(&c, gw.addr(), "alpha").await.status, 200);
     }
     assert_eq!(a.stats().completion_requests, before);
     a.set_fault(FaultUpdate::reset());
-    wait_backend_state(&c, gw.addr(), "alpha", &format!("http://{}", a.addr), "ready").await;
+    wait_backend_state(
+        &c,
+        gw.addr(),
+        "alpha",
+        &format!("http://{}", a.addr),
+        "ready",
+    )
+    .await;
     gw.shutdown(T).await;
 }
 
@@ -278,7 +437,10 @@ async fn streaming_chunks_arrive_as_emitted() {
     let t0 = Instant::now();
     let resp = c.request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let mut body = resp.into_body();
     let mut arrivals = Vec::new();
     let mut text = String::new();
@@ -297,9 +459,15 @@ async fn streaming_chunks_arrive_as_emitted() {
     // every event would arrive at once at the end.
     let first = arrivals[0];
     let last = *arrivals.last().unwrap();
-    assert!(last - first >= Duration::from_millis(250), "events bunched: {arrivals:?}");
+    assert!(
+        last - first >= Duration::from_millis(250),
+        "events bunched: {arrivals:?}"
+    );
     // Consecutive token events are spread out (none of the gaps is huge, most are ~50 ms).
-    let spread = arrivals.windows(2).filter(|w| w[1] - w[0] >= Duration::from_millis(20)).count();
+    let spread = arrivals
+        .windows(2)
+        .filter(|w| w[1] - w[0] >= Duration::from_millis(20))
+        .count();
     assert!(spread >= 5, "events not spread: {arrivals:?}");
     gw.shutdown(T).await;
 }
@@ -326,7 +494,10 @@ async fn reload_in_process_under_load_keeps_serving() {
             n
         }));
     }
-    let s2 = settings(&[m("alpha", a.addr.port()), m("beta", b.addr.port())], "auth = false");
+    let s2 = settings(
+        &[m("alpha", a.addr.port()), m("beta", b.addr.port())],
+        "auth = false",
+    );
     for _ in 0..5 {
         gw.reload(&s2).unwrap();
         gw.reload(&s1).unwrap();

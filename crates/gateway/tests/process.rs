@@ -53,10 +53,18 @@ fn spawn_gateway(config: &Path, extra: &[&str]) -> Proc {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("gateway prints `listening on ADDR`");
+        let Ok(line) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("gateway did not print `listening on ADDR`");
+        };
         if let Some(rest) = line.split("listening on ").nth(1) {
             let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-            return Proc { child, addr, lines: rx };
+            return Proc {
+                child,
+                addr,
+                lines: rx,
+            };
         }
     }
 }
@@ -75,7 +83,10 @@ fn wait_exit(p: &mut Proc, timeout: Duration) -> std::process::ExitStatus {
         if let Some(st) = p.child.try_wait().unwrap() {
             return st;
         }
-        assert!(Instant::now() < deadline, "gateway did not exit within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not exit within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -84,7 +95,14 @@ fn wait_exit(p: &mut Proc, timeout: Duration) -> std::process::ExitStatus {
 fn auth_without_credential_exits_78_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("citadel.toml");
-    std::fs::write(&cfg, config_text(&[m("alpha", 40001)], "auth = true\napi_keys_file = \"/etc/citadel/credentials/api-keys\"")).unwrap();
+    std::fs::write(
+        &cfg,
+        config_text(
+            &[m("alpha", 40001)],
+            "auth = true\napi_keys_file = \"/etc/citadel/credentials/api-keys\"",
+        ),
+    )
+    .unwrap();
     let out = Command::new(BIN)
         .arg("--config")
         .arg(&cfg)
@@ -93,7 +111,10 @@ fn auth_without_credential_exits_78_naming_it() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("LoadCredential=api-keys:/etc/citadel/credentials/api-keys"), "{err}");
+    assert!(
+        err.contains("LoadCredential=api-keys:/etc/citadel/credentials/api-keys"),
+        "{err}"
+    );
 
     // $CREDENTIALS_DIRECTORY without the file: still 78, naming the file.
     let out = Command::new(BIN)
@@ -107,7 +128,11 @@ fn auth_without_credential_exits_78_naming_it() {
 
     // An invalid config: 78.
     std::fs::write(&cfg, "[gateway]\nport = \"x\"\n").unwrap();
-    let out = Command::new(BIN).arg("--config").arg(&cfg).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(78));
 }
 
@@ -117,7 +142,11 @@ async fn credentials_directory_keys_are_used() {
     let dir = tempfile::tempdir().unwrap();
     write_keys(dir.path(), &["sk-cred"]);
     let cfg = dir.path().join("citadel.toml");
-    std::fs::write(&cfg, config_text(&[m("alpha", a.addr.port())], "auth = true")).unwrap();
+    std::fs::write(
+        &cfg,
+        config_text(&[m("alpha", a.addr.port())], "auth = true"),
+    )
+    .unwrap();
     let mut child = Command::new(BIN)
         .arg("--config")
         .arg(&cfg)
@@ -132,7 +161,13 @@ async fn credentials_directory_keys_are_used() {
     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
         logs.push_str(&line);
         if let Some(rest) = line.split("listening on ").nth(1) {
-            addr = Some(rest.split_whitespace().next().unwrap().parse::<SocketAddr>().unwrap());
+            addr = Some(
+                rest.split_whitespace()
+                    .next()
+                    .unwrap()
+                    .parse::<SocketAddr>()
+                    .unwrap(),
+            );
             break;
         }
     }
@@ -140,7 +175,15 @@ async fn credentials_directory_keys_are_used() {
     assert!(!logs.contains("sk-cred"), "a key was logged");
     let c = client();
     wait_model_state(&c, addr, "alpha", "ready").await;
-    let r = send(&c, "POST", addr, "/v1/chat/completions", Some(&chat("alpha")), &[("authorization", "Bearer sk-cred")]).await;
+    let r = send(
+        &c,
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        Some(&chat("alpha")),
+        &[("authorization", "Bearer sk-cred")],
+    )
+    .await;
     assert_eq!(r.status, 200);
     let _ = child.kill();
     let _ = child.wait();
@@ -152,7 +195,11 @@ async fn sighup_reload_under_load_fails_no_request() {
     let b = sim("beta").await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("citadel.toml");
-    std::fs::write(&cfg, config_text(&[m("alpha", a.addr.port())], "auth = false")).unwrap();
+    std::fs::write(
+        &cfg,
+        config_text(&[m("alpha", a.addr.port())], "auth = false"),
+    )
+    .unwrap();
     let mut p = spawn_gateway(&cfg, &[]);
     let c = client();
     wait_model_state(&c, p.addr, "alpha", "ready").await;
@@ -170,10 +217,16 @@ async fn sighup_reload_under_load_fails_no_request() {
             }
         }));
     }
-    wait_until(Duration::from_secs(10), "load running", || async { done.load(Relaxed) > 20 }).await;
+    wait_until(Duration::from_secs(10), "load running", || async {
+        done.load(Relaxed) > 20
+    })
+    .await;
     std::fs::write(
         &cfg,
-        config_text(&[m("alpha", a.addr.port()), m("beta", b.addr.port())], "auth = false"),
+        config_text(
+            &[m("alpha", a.addr.port()), m("beta", b.addr.port())],
+            "auth = false",
+        ),
     )
     .unwrap();
     signal(&p, "-HUP");
@@ -191,7 +244,10 @@ async fn sighup_reload_under_load_fails_no_request() {
         async move { seen }
     })
     .await;
-    wait_until(Duration::from_secs(10), "more load", || async { done.load(Relaxed) > before + 20 }).await;
+    wait_until(Duration::from_secs(10), "more load", || async {
+        done.load(Relaxed) > before + 20
+    })
+    .await;
     assert_eq!(post_chat(&c, p.addr, "beta").await.status, 200);
     stop.store(true, Relaxed);
     for t in load {
@@ -211,7 +267,14 @@ async fn sigterm_drains_in_flight_streams() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("citadel.toml");
-    std::fs::write(&cfg, config_text(&[m("alpha", a.addr.port())], "auth = false\ndrain_timeout = \"20s\"")).unwrap();
+    std::fs::write(
+        &cfg,
+        config_text(
+            &[m("alpha", a.addr.port())],
+            "auth = false\ndrain_timeout = \"20s\"",
+        ),
+    )
+    .unwrap();
     let mut p = spawn_gateway(&cfg, &[]);
     let c = client();
     wait_model_state(&c, p.addr, "alpha", "ready").await;
@@ -246,7 +309,10 @@ async fn sigterm_drains_in_flight_streams() {
                 text.push_str(&String::from_utf8_lossy(&d));
             }
         }
-        assert!(text.contains("data: [DONE]"), "stream did not complete: {text}");
+        assert!(
+            text.contains("data: [DONE]"),
+            "stream did not complete: {text}"
+        );
     }
     let st = wait_exit(&mut p, Duration::from_secs(20));
     assert!(st.success(), "{st:?}");

@@ -187,34 +187,56 @@ pub fn chat(model: &str) -> String {
 }
 
 pub async fn post_chat(c: &HttpClient, addr: SocketAddr, model: &str) -> Resp {
-    send(c, "POST", addr, "/v1/chat/completions", Some(&chat(model)), &[]).await
+    send(
+        c,
+        "POST",
+        addr,
+        "/v1/chat/completions",
+        Some(&chat(model)),
+        &[],
+    )
+    .await
 }
 
 /// Waits until `/health/models` says `model` is `state`.
 pub async fn wait_model_state(c: &HttpClient, addr: SocketAddr, model: &str, state: &str) {
-    wait_until(Duration::from_secs(10), &format!("{model} {state}"), || async {
-        let v = get(c, addr, "/health/models").await.json();
-        v["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["name"] == model && m["state"] == state)
-    })
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{model} {state}"),
+        || async {
+            let v = get(c, addr, "/health/models").await.json();
+            v["models"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == model && m["state"] == state)
+        },
+    )
     .await
 }
 
 /// Waits until a given backend of `model` is `state`.
-pub async fn wait_backend_state(c: &HttpClient, addr: SocketAddr, model: &str, url: &str, state: &str) {
-    wait_until(Duration::from_secs(10), &format!("{model} backend {url} {state}"), || async {
-        let v = get(c, addr, "/health/models").await.json();
-        v["models"].as_array().unwrap().iter().any(|m| {
-            m["name"] == model
-                && m["backends"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|b| b["url"] == url && b["state"] == state)
-        })
-    })
+pub async fn wait_backend_state(
+    c: &HttpClient,
+    addr: SocketAddr,
+    model: &str,
+    url: &str,
+    state: &str,
+) {
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{model} backend {url} {state}"),
+        || async {
+            let v = get(c, addr, "/health/models").await.json();
+            v["models"].as_array().unwrap().iter().any(|m| {
+                m["name"] == model
+                    && m["backends"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|b| b["url"] == url && b["state"] == state)
+            })
+        },
+    )
     .await
 }
