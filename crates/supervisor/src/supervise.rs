@@ -135,6 +135,19 @@ pub async fn run(
         }
     }
 
+    // Something else on the port (an engine orphaned outside systemd, another
+    // model) would answer our probes and be reported ready in its place.
+    if let Err(e) = std::net::TcpListener::bind((crate::profile::ENGINE_HOST, model.port.get())) {
+        let msg = format!(
+            "port {} on {} is not available: {e}",
+            model.port,
+            crate::profile::ENGINE_HOST
+        );
+        error!(error = %e, "the model's port is already in use; not starting the engine");
+        notifier.status(&format!("failed: {msg}"));
+        return Ok(Outcome::SpawnFailed(msg));
+    }
+
     let t0 = Instant::now();
     let mut engine = match process::spawn(cmd) {
         Ok(p) => p,

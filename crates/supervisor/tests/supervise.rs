@@ -425,3 +425,31 @@ fn unknown_model_and_bad_config_exit_78() {
         Some(78)
     );
 }
+
+/// Another process on the model's port would answer the probes in the
+/// engine's place: the supervisor refuses to start (exit 69, never READY=1).
+#[test]
+fn port_in_use_is_refused() {
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    let mut sv = Supervisor::start_on(
+        port,
+        Opts {
+            model: r#"engine = "sim"
+binary = "{sim}""#,
+            watchdog_usec: None,
+            extra_args: &[],
+        },
+    );
+    let status = sv.wait_exit(5 * SEC).expect("exits at once");
+    assert_eq!(status.code(), Some(69));
+    let msgs = sv.messages();
+    assert!(!msgs.iter().any(is_ready));
+    assert!(
+        msgs.iter().any(|m| m.starts(&format!(
+            "STATUS=failed: port {port} on 127.0.0.1 is not available"
+        ))),
+        "{msgs:?}"
+    );
+    drop(squatter);
+}

@@ -85,8 +85,11 @@ pub struct Opts<'a> {
 
 impl Supervisor {
     pub fn start(opts: Opts<'_>) -> Supervisor {
+        Supervisor::start_on(free_port(), opts)
+    }
+
+    pub fn start_on(port: u16, opts: Opts<'_>) -> Supervisor {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
         let sim = sim_bin();
         let model = opts
             .model
