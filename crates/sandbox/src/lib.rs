@@ -54,9 +54,10 @@ pub struct SandboxOptions {
     /// running/degraded with writable cgroup controllers.
     pub boot_timeout: Duration,
     /// Give the container its own network namespace (loopback only) via
-    /// `--private-network`. Default false: the host network is shared, so
-    /// services inside can be reached from the host, but parallel sandboxes
-    /// must not bind the same ports.
+    /// `--private-network`. Default true: parallel sandboxes (and the host)
+    /// then cannot collide on ports, e.g. two sandboxes both starting a
+    /// host-enabled PostgreSQL. Set false to share the host network, e.g. to
+    /// reach a service inside from a test running on the host.
     pub private_network: bool,
     /// Extra arguments for `systemd-nspawn` (e.g. `--bind=/some/dir`, `--setenv=..`).
     pub extra_nspawn_args: Vec<String>,
@@ -76,7 +77,7 @@ impl Default for SandboxOptions {
         SandboxOptions {
             name_prefix: "sbx".into(),
             boot_timeout: Duration::from_secs(120),
-            private_network: false,
+            private_network: true,
             extra_nspawn_args: Vec::new(),
         }
     }
