@@ -111,3 +111,22 @@ fn poll(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     true
 }
+
+#[test]
+fn failed_boot_reports_console_and_cleans_up() {
+    let mut opts = citadel_sandbox::SandboxOptions::new("badboot");
+    opts.extra_nspawn_args = vec!["--no-such-nspawn-option".into()];
+    let err = citadel_sandbox::Sandbox::boot(opts)
+        .expect_err("boot with a bogus nspawn option succeeded")
+        .to_string();
+    assert!(
+        err.contains("failed to boot") && err.contains("no-such-nspawn-option"),
+        "boot error lacks the console log: {err}"
+    );
+    eprintln!("{err}");
+    let name = err
+        .split('`')
+        .nth(1)
+        .unwrap_or_else(|| panic!("no sandbox name in {err}"));
+    common::assert_no_leftovers(name);
+}
