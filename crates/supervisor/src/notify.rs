@@ -37,11 +37,28 @@ impl Notifier {
 
     /// Sends `states` as one datagram; failures are logged, never fatal
     /// (a supervisor that cannot notify still supervises).
+    /// `STATUS=` texts are made single-line first: they may quote an engine's
+    /// answer, and a newline would start a new assignment (e.g. `READY=1`).
     pub fn send(&self, states: &[NotifyState<'_>]) {
         if !self.enabled {
             return;
         }
-        if let Err(e) = sd_notify::notify(states) {
+        let cleaned: Vec<Option<String>> = states
+            .iter()
+            .map(|s| match s {
+                NotifyState::Status(t) => Some(single_line(t)),
+                _ => None,
+            })
+            .collect();
+        let states: Vec<NotifyState<'_>> = states
+            .iter()
+            .zip(&cleaned)
+            .map(|(s, c)| match c {
+                Some(text) => NotifyState::Status(text),
+                None => s.clone(),
+            })
+            .collect();
+        if let Err(e) = sd_notify::notify(&states) {
             tracing::warn!(error = %e, "cannot send sd_notify message");
         }
     }
@@ -58,4 +75,22 @@ impl Notifier {
 /// Microseconds for EXTEND_TIMEOUT_USEC / WATCHDOG_USEC (saturating).
 pub fn usec(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// Replaces control characters (newlines included) with spaces.
+pub fn single_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn status_cannot_inject_assignments() {
+        assert_eq!(
+            super::single_line("unhealthy: 500 {\"x\":\"a\nREADY=1\"}\r"),
+            "unhealthy: 500 {\"x\":\"a READY=1\"} "
+        );
+    }
 }
