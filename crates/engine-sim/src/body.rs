@@ -15,7 +15,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
-use crate::Shared;
+use crate::{Phase, Shared};
 
 /// Synthetic vocabulary; token `i` is `WORDS[i % len]` (the very first token
 /// without its leading space). Deliberately reads as simulator output.
@@ -300,8 +300,9 @@ impl TokenStream {
             if self.stage == Stage::End {
                 return Poll::Ready(None);
             }
-            if !self.run.shared().running() {
-                // Shutting down or crashed: cut the stream short.
+            if matches!(self.run.shared().phase(), Phase::Stopped | Phase::Crashed) {
+                // Stopped abruptly or crashed: cut the stream short. (A graceful
+                // stop lets it finish within the shutdown grace period.)
                 self.stage = Stage::End;
                 return Poll::Ready(None);
             }
