@@ -227,6 +227,7 @@ pub fn ensure_venv(paths: &VllmPaths) -> Result<bool> {
     let mut h = Fnv::new();
     h.update(SYSTEM_PYTHON.as_bytes());
     h.update(UV_VERSION.as_bytes());
+    h.update(b"compile-bytecode");
     for f in files {
         let p = tools.join(f);
         h.update(f.as_bytes());
@@ -273,6 +274,9 @@ pub fn ensure_venv(paths: &VllmPaths) -> Result<bool> {
         &con,
         "--override",
         &ovr,
+        // The service user cannot write __pycache__ into the venv: without
+        // precompiled bytecode every start recompiles every import.
+        "--compile-bytecode",
     ]))?;
     // The venv must not point into /root (ProtectHome=yes for the service).
     let cfg = fs::read_to_string(paths.venv.join("pyvenv.cfg"))?;
