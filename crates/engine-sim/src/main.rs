@@ -138,10 +138,14 @@ async fn run(args: Args, cfg: SimConfig) -> ExitCode {
         Some(tps) => format!("{tps} tokens/s"),
         None => "unpaced".to_string(),
     };
+    let load = if cfg.load_time.is_zero() {
+        "0s".to_string()
+    } else {
+        format!("{:?}", cfg.load_time)
+    };
     eprintln!(
-        "citadel-engine-sim: simulating model(s) {} on {addr}, load time {:?}, {pace} (SIMULATOR: no real inference)",
+        "citadel-engine-sim: simulating model(s) {} on {addr}, load time {load}, {pace} (SIMULATOR: no real inference)",
         cfg.models.join(", "),
-        cfg.load_time,
     );
     let signals = async {
         use tokio::signal::unix::{signal, SignalKind};
