@@ -341,11 +341,19 @@ fn engine_exited(
     exit: ExitKind,
     notifier: &Notifier,
 ) -> Outcome {
+    // A SIGKILL the supervisor did not send comes from the kernel (the unit's
+    // MemoryMax= or the OOM killer) or an operator: say so where operators look.
+    let hint = match exit {
+        ExitKind::Signal(nix::sys::signal::Signal::SIGKILL) => {
+            "; killed from outside: the memory limit (MemoryMax=), the OOM killer or an operator"
+        }
+        _ => "",
+    };
     let msg = format!(
-        "engine of {name} exited on its own ({exit}) after {} s",
+        "engine of {name} exited on its own ({exit}{hint}) after {} s",
         secs(engine.started.elapsed())
     );
-    error!(exit = %exit, "engine exited on its own");
+    error!(exit = %exit, "{msg}");
     notifier.status(&format!("failed: {msg}"));
     Outcome::EngineExited(msg)
 }
