@@ -47,6 +47,8 @@ pub struct UnitState {
     /// Monotonic time the unit last became active (0: never).
     pub active_enter_monotonic_usec: u64,
     pub inactive_enter_monotonic_usec: u64,
+    /// Monotonic time the unit last left the active state (began stopping).
+    pub active_exit_monotonic_usec: u64,
     pub main_pid: u32,
     pub memory_current: Option<u64>,
     pub memory_max: Option<u64>,
@@ -181,6 +183,7 @@ impl Systemd {
             since_usec: number(&u, "StateChangeTimestamp"),
             active_enter_monotonic_usec: number(&u, "ActiveEnterTimestampMonotonic"),
             inactive_enter_monotonic_usec: number(&u, "InactiveEnterTimestampMonotonic"),
+            active_exit_monotonic_usec: number(&u, "ActiveExitTimestampMonotonic"),
             ..UnitState::default()
         };
         if unit.ends_with(".service") && st.load_state == "loaded" {
