@@ -112,7 +112,7 @@ impl Stack {
     pub fn wait(&self, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         let started = Instant::now();
         self.sb
-            .wait_until(what, timeout, || cond())
+            .wait_until(what, timeout, &mut cond)
             .unwrap_or_else(|e| panic!("{e}\n{}", self.journal_tail()));
         println!("  ({what}: {:.1} s)", started.elapsed().as_secs_f64());
     }
