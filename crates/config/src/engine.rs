@@ -83,6 +83,33 @@ impl EngineKind {
         EngineKind::Sim,
     ];
 
+    /// Model settings only some engines take, and which.
+    pub const ENGINE_SPECIFIC: &'static [(&'static str, &'static [EngineKind])] = &[
+        ("python", &[EngineKind::Vllm]),
+        ("max_model_len", &[EngineKind::Vllm]),
+        ("gpu_memory_utilization", &[EngineKind::Vllm]),
+        (
+            "binary",
+            &[
+                EngineKind::LlamaCpp,
+                EngineKind::Ollama,
+                EngineKind::Tgi,
+                EngineKind::Sim,
+            ],
+        ),
+        ("command", &[EngineKind::Command]),
+        ("parallel", &[EngineKind::LlamaCpp]),
+        (
+            "model",
+            &[
+                EngineKind::Vllm,
+                EngineKind::LlamaCpp,
+                EngineKind::Ollama,
+                EngineKind::Tgi,
+            ],
+        ),
+    ];
+
     pub fn parse(s: &str) -> Option<EngineKind> {
         EngineKind::ALL.iter().copied().find(|k| k.as_str() == s)
     }

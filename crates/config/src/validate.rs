@@ -202,7 +202,9 @@ impl Validator {
         }
         let mut models = Vec::new();
         for (name, model) in &raw.models {
-            let merged = model.get_ref().merged_over(&raw.model_defaults);
+            let merged = model
+                .get_ref()
+                .merged_over(&defaults_for(model.get_ref(), &raw.model_defaults));
             if let Some(m) = self.model(name, model.span(), &merged, &paths) {
                 models.push(m);
             }
@@ -510,44 +512,10 @@ impl Validator {
     ) -> Option<Engine> {
         let k = |field: &str| format!("{key}.{field}");
         // Settings that belong to one engine only: name the misplaced ones.
-        let only: [(&str, bool, &[EngineKind]); 7] = [
-            ("python", m.python.is_some(), &[EngineKind::Vllm]),
-            (
-                "binary",
-                m.binary.is_some(),
-                &[
-                    EngineKind::LlamaCpp,
-                    EngineKind::Ollama,
-                    EngineKind::Tgi,
-                    EngineKind::Sim,
-                ],
-            ),
-            ("command", m.command.is_some(), &[EngineKind::Command]),
-            (
-                "max_model_len",
-                m.max_model_len.is_some(),
-                &[EngineKind::Vllm],
-            ),
-            (
-                "gpu_memory_utilization",
-                m.gpu_memory_utilization.is_some(),
-                &[EngineKind::Vllm],
-            ),
-            ("parallel", m.parallel.is_some(), &[EngineKind::LlamaCpp]),
-            (
-                "model",
-                m.model.is_some(),
-                &[
-                    EngineKind::Vllm,
-                    EngineKind::LlamaCpp,
-                    EngineKind::Ollama,
-                    EngineKind::Tgi,
-                ],
-            ),
-        ];
+        let present = |field: &str| field_span(m, field).is_some();
         let mut misplaced = false;
-        for (field, present, engines) in only {
-            if present && !engines.contains(&kind) {
+        for &(field, engines) in EngineKind::ENGINE_SPECIFIC {
+            if present(field) && !engines.contains(&kind) {
                 misplaced = true;
                 let names: Vec<_> = engines.iter().map(|e| format!("\"{e}\"")).collect();
                 let at = field_span(m, field).or(Some(table.clone()));
@@ -700,9 +668,14 @@ impl Validator {
                 );
             }
             let upper = name.to_ascii_uppercase();
-            if ["TOKEN", "SECRET", "PASSWORD", "API_KEY", "APIKEY"]
+            // A path to a secret (HF_TOKEN_FILE, ..._PATH) is not a secret itself.
+            let names_a_path = ["_FILE", "_PATH", "_DIR"]
                 .iter()
-                .any(|s| upper.contains(s))
+                .any(|s| upper.ends_with(s));
+            if !names_a_path
+                && ["TOKEN", "SECRET", "PASSWORD", "API_KEY", "APIKEY"]
+                    .iter()
+                    .any(|s| upper.contains(s))
             {
                 self.error(key, span(env), format!("`{name}` looks like a secret; secrets never go into unit files"), Some("put the secret in a file under /etc/citadel/credentials and add it as a credential: `credentials = { hf-token = \"/etc/citadel/credentials/hf-token\" }` (the engine reads it from $CREDENTIALS_DIRECTORY)"));
             }
@@ -793,6 +766,28 @@ impl Validator {
     }
 }
 
+/// `[model_defaults]` as it applies to one model: defaults that only some engines
+/// take (`python`, `max_model_len`, ...) are left out for a model whose engine
+/// does not take them, so one defaults table can serve a mixed stack. A model's
+/// own misplaced settings are still errors.
+fn defaults_for(model: &RawModel, defaults: &RawModel) -> RawModel {
+    let engine = model
+        .engine
+        .as_ref()
+        .or(defaults.engine.as_ref())
+        .and_then(|e| EngineKind::parse(e.get_ref()));
+    let Some(kind) = engine else {
+        return defaults.clone();
+    };
+    let mut d = defaults.clone();
+    for &(field, engines) in EngineKind::ENGINE_SPECIFIC {
+        if !engines.contains(&kind) {
+            clear_field(&mut d, field);
+        }
+    }
+    d
+}
+
 fn valid_upstream(url: &str) -> bool {
     let Some(rest) = url.strip_prefix("http://") else {
         return false;
@@ -801,6 +796,19 @@ fn valid_upstream(url: &str) -> bool {
     match rest.rsplit_once(':') {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
         None => false,
+    }
+}
+
+fn clear_field(m: &mut RawModel, field: &str) {
+    match field {
+        "python" => m.python = None,
+        "binary" => m.binary = None,
+        "command" => m.command = None,
+        "max_model_len" => m.max_model_len = None,
+        "gpu_memory_utilization" => m.gpu_memory_utilization = None,
+        "parallel" => m.parallel = None,
+        "model" => m.model = None,
+        other => unreachable!("{other} is not in EngineKind::ENGINE_SPECIFIC"),
     }
 }
 

@@ -309,3 +309,27 @@ fn host_warnings_memory_and_gpus() {
     );
     assert!(text.iter().all(|m| !m.contains("`hermes` uses GPU 0")));
 }
+
+/// Regression (found by the supervisor's tests): an engine-specific default such
+/// as the example's `python` must not make a model of another engine invalid.
+#[test]
+fn engine_specific_defaults_skip_other_engines() {
+    let text = format!(
+        "{}\n[models.sim1]\nport = 11410\nengine = \"sim\"\n",
+        citadel_config::EXAMPLE_CONFIG
+    );
+    let loaded = parse(&text, Path::new("c.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(loaded.settings.models.len(), 5);
+    // ... while a model's own misplaced setting is still an error.
+    let r = errors("[models.a]\nport = 11400\nengine = \"sim\"\npython = \"/usr/bin/python3\"\n");
+    assert_has(&r, &["`python` does not apply to engine \"sim\""]);
+}
+
+#[test]
+fn paths_to_secrets_are_not_secrets() {
+    let loaded = parse(
+        &format!("{MINIMAL}env = {{ HF_TOKEN_FILE = \"/run/credentials/x\" }}\n"),
+        Path::new("c.toml"),
+    );
+    assert!(loaded.is_ok(), "{:?}", loaded.err().map(|e| e.to_string()));
+}
