@@ -215,13 +215,19 @@ pub async fn run(
     let outcome = loop {
         let loading = matches!(phase, Phase::Loading { .. });
         tokio::select! {
+            // Signals first: a stop must never be mistaken for a crash.
+            biased;
             _ = sigterm.recv() => { info!("SIGTERM received; stopping"); break Outcome::Stopped; }
             _ = sigint.recv() => { info!("SIGINT received; stopping"); break Outcome::Stopped; }
             _ = sigchld.recv() => {
-                if let Some(exit) = engine.reap() { break engine_exited(name, &engine, exit, notifier); }
+                if let Some(exit) = engine.reap() {
+                    break exited_or_stopping(&mut sigterm, &mut sigint, name, &engine, exit, notifier).await;
+                }
             }
             _ = reap_tick.tick() => {
-                if let Some(exit) = engine.reap() { break engine_exited(name, &engine, exit, notifier); }
+                if let Some(exit) = engine.reap() {
+                    break exited_or_stopping(&mut sigterm, &mut sigint, name, &engine, exit, notifier).await;
+                }
             }
             _ = &mut deadline, if loading => {
                 let reason = match &phase { Phase::Loading { last_reason } => last_reason.clone(), _ => String::new() };
@@ -332,6 +338,29 @@ fn loading_status(name: &str, t0: Instant, phase: &Phase) -> String {
             format!("{base} ({last_reason})")
         }
         _ => base,
+    }
+}
+
+/// How long an engine exit waits for a SIGTERM sent in the same instant.
+const STOP_RACE_WINDOW: Duration = Duration::from_millis(200);
+
+/// Under KillMode=control-group systemd sends SIGTERM to the supervisor and the
+/// engine at the same time; the engine may exit before the supervisor has seen
+/// its own signal. An engine exit that coincides with a stop is a stop (exit 0),
+/// not a crash (exit 69, which would leave the unit `failed`).
+async fn exited_or_stopping(
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+    name: &str,
+    engine: &EngineProcess,
+    exit: ExitKind,
+    notifier: &Notifier,
+) -> Outcome {
+    tokio::select! {
+        biased;
+        _ = sigterm.recv() => { info!(exit = %exit, "SIGTERM received as the engine exited; stopping"); Outcome::Stopped }
+        _ = sigint.recv() => { info!(exit = %exit, "SIGINT received as the engine exited; stopping"); Outcome::Stopped }
+        _ = tokio::time::sleep(STOP_RACE_WINDOW) => engine_exited(name, engine, exit, notifier),
     }
 }
 

@@ -371,6 +371,36 @@ stop_timeout = "3s""#,
     );
 }
 
+/// Regression (found by the e2e stop test): under KillMode=control-group systemd
+/// signals the engine and the supervisor at once. Even when the engine's exit is
+/// seen first, that is a clean stop (exit 0), not a crash (69 would leave the
+/// unit `failed` after every `stop`).
+#[test]
+fn stop_signalled_to_the_whole_cgroup_is_a_clean_stop() {
+    for _ in 0..3 {
+        let mut sv = Supervisor::start(Opts {
+            model: r#"engine = "sim"
+binary = "{sim}"
+probe_interval = "200ms""#,
+            watchdog_usec: None,
+            extra_args: &[],
+        });
+        sv.wait_msg(10 * SEC, is_ready).expect("READY=1");
+        let engine = sv.engine_pid().expect("engine pid");
+        // The engine first, and the supervisor's own SIGTERM only once the engine is
+        // reaped: the order in which the two can be seen under systemd's cgroup kill.
+        nix::sys::signal::killpg(engine, Signal::SIGTERM).unwrap();
+        let t = Instant::now();
+        while group_exists(engine) && t.elapsed() < 5 * SEC {
+            std::thread::yield_now();
+        }
+        sv.signal(Signal::SIGTERM);
+        let status = sv.wait_exit(5 * SEC).expect("supervisor exits");
+        assert_eq!(status.code(), Some(0), "a stop, not a crash");
+        assert!(!group_exists(engine));
+    }
+}
+
 /// A helper that ignores SIGTERM is SIGKILLed once the grace period passes.
 #[test]
 fn sigterm_ignoring_engine_is_killed_after_grace() {
