@@ -162,6 +162,35 @@ fn lifecycle_install_start_serve_stop_uninstall() {
         (300u64 << 20).to_string()
     );
 
+    // Rotate API keys (docs/operations.md): new file, restart the gateway (it drains).
+    let old_key = st.api_key();
+    st.write("/etc/citadel/credentials/api-keys", "# rotated\nsk-citadel-rotated-key\n");
+    st.cli_ok(&["restart", "gateway"]);
+    st.wait("the gateway serves again", Duration::from_secs(20), || st.gateway_state("mixtral") == "ready");
+    assert_eq!(st.api_key(), "sk-citadel-rotated-key");
+    assert_eq!(st.chat("mixtral").0, 200, "the new key works");
+    let body = r#"{"model":"mixtral","messages":[{"role":"user","content":"hi"}]}"#;
+    let (code, _) = st.http("POST", "http://127.0.0.1:8000/v1/chat/completions", Some(&old_key), Some(body));
+    assert_eq!(code, 401, "the old key is refused");
+
+    // Add a model: config, install, start it, reload the gateway.
+    let before_add = st.read("/opt/citadel/config/citadel.toml").unwrap();
+    st.write("/opt/citadel/config/citadel.toml", &format!("{before_add}\n[models.extra]\nport = 11406\n"));
+    let out = st.install();
+    assert!(out.contains("add      /etc/systemd/system/citadel-model@extra.service.d/50-citadel.conf"), "{out}");
+    st.cli_ok(&["start", "extra"]);
+    st.cli_ok(&["reload"]);
+    st.wait("the gateway routes to the new model", Duration::from_secs(20), || st.gateway_state("extra") == "ready");
+    assert_eq!(st.chat("extra").0, 200);
+    // ... and remove it again: install stops and disables it and removes its files.
+    st.write("/opt/citadel/config/citadel.toml", &before_add);
+    let out = st.install();
+    assert!(out.contains("stopping removed models: citadel-model@extra.service"), "{out}");
+    assert_ne!(st.show(&unit("extra"), "ActiveState"), "active");
+    assert!(st.read("/etc/systemd/system/citadel-model@extra.service.d/50-citadel.conf").is_none());
+    st.cli_ok(&["reload", "gateway"]);
+    st.wait("the gateway forgets the removed model", Duration::from_secs(20), || st.gateway_state("extra") == "absent");
+
     // stop: the gateway goes down before any model starts stopping.
     st.cli_ok(&["stop"]);
     let gateway_down = st.show_u64(GATEWAY, "InactiveEnterTimestampMonotonic");
@@ -211,6 +240,12 @@ fn lifecycle_install_start_serve_stop_uninstall() {
         st.read("/etc/citadel/credentials/api-keys").is_some(),
         "uninstall keeps the credentials"
     );
+
+    // uninstall is idempotent; --purge also removes config, credentials, state and the user.
+    st.cli_ok(&["uninstall", "--purge"]);
+    assert!(st.read("/opt/citadel/config/citadel.toml").is_none());
+    assert!(!st.sb.root().join("opt/citadel").exists());
+    assert!(st.sb.exec_ok(&["getent", "passwd", "citadel"]).is_err(), "the user is removed");
 
     println!(
         "\nPERF e2e: install {install_ms} ms (debug build, incl. daemon-reload), start to all-ready {start_s:.2} s, status best of 5 {:.1} ms",
