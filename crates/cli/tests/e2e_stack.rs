@@ -140,11 +140,32 @@ fn lifecycle_install_start_serve_stop_uninstall() {
         "/etc/systemd/system/citadel-model@hermes.service.d/override.conf",
         "[Service]\nEnvironment=OPERATOR_NOTE=kept\n",
     );
+    st.sb.exec_ok(&["systemctl", "daemon-reload"]).unwrap();
+    st.cli_ok(&["restart", "hermes"]);
+    let hermes_pid = st.show(&unit("hermes"), "MainPID");
+    let environ = st
+        .sb
+        .exec_ok(&["cat", &format!("/proc/{hermes_pid}/environ")])
+        .unwrap();
+    assert!(
+        environ.contains("OPERATOR_NOTE=kept"),
+        "the drop-in applies after a restart"
+    );
     let cfg = st.read("/opt/citadel/config/citadel.toml").unwrap();
     st.write(
         "/opt/citadel/config/citadel.toml",
         &format!("{cfg}memory_max = \"300M\"\n"),
     );
+    // --dry-run shows the difference and changes nothing.
+    let dry = st.cli_ok(&["install", "--dry-run"]);
+    assert!(
+        dry.contains("change   /etc/systemd/system/citadel-model@phi3.service.d/50-citadel.conf"),
+        "{dry}"
+    );
+    assert!(!st
+        .read("/etc/systemd/system/citadel-model@phi3.service.d/50-citadel.conf")
+        .unwrap()
+        .contains("300M"));
     let out = st.install();
     assert!(
         out.contains("change   /etc/systemd/system/citadel-model@phi3.service.d/50-citadel.conf"),
@@ -162,34 +183,82 @@ fn lifecycle_install_start_serve_stop_uninstall() {
         (300u64 << 20).to_string()
     );
 
+    // Upgrade (docs/operations.md): install, then restart the whole stack.
+    st.cli_ok(&["restart"]);
+    st.wait(
+        "the gateway serves after the restart",
+        Duration::from_secs(20),
+        || st.gateway_state("phi3") == "ready",
+    );
+
+    // disable / enable one model at boot.
+    st.cli_ok(&["disable", "hermes"]);
+    assert_eq!(st.show(&unit("hermes"), "UnitFileState"), "disabled");
+    st.cli_ok(&["enable", "hermes"]);
+    assert_eq!(st.show(&unit("hermes"), "UnitFileState"), "enabled");
+
+    // logs with filters.
+    st.cli_ok(&["logs", "--priority", "err", "--since", "10 min ago"]);
+    let gw_logs = st.cli_ok(&["logs", "gateway", "-n", "50"]);
+    assert!(gw_logs.contains("citadel-gateway"), "{gw_logs}");
+
     // Rotate API keys (docs/operations.md): new file, restart the gateway (it drains).
     let old_key = st.api_key();
-    st.write("/etc/citadel/credentials/api-keys", "# rotated\nsk-citadel-rotated-key\n");
+    st.write(
+        "/etc/citadel/credentials/api-keys",
+        "# rotated\nsk-citadel-rotated-key\n",
+    );
     st.cli_ok(&["restart", "gateway"]);
-    st.wait("the gateway serves again", Duration::from_secs(20), || st.gateway_state("mixtral") == "ready");
+    st.wait("the gateway serves again", Duration::from_secs(20), || {
+        st.gateway_state("mixtral") == "ready"
+    });
     assert_eq!(st.api_key(), "sk-citadel-rotated-key");
     assert_eq!(st.chat("mixtral").0, 200, "the new key works");
     let body = r#"{"model":"mixtral","messages":[{"role":"user","content":"hi"}]}"#;
-    let (code, _) = st.http("POST", "http://127.0.0.1:8000/v1/chat/completions", Some(&old_key), Some(body));
+    let (code, _) = st.http(
+        "POST",
+        "http://127.0.0.1:8000/v1/chat/completions",
+        Some(&old_key),
+        Some(body),
+    );
     assert_eq!(code, 401, "the old key is refused");
 
     // Add a model: config, install, start it, reload the gateway.
     let before_add = st.read("/opt/citadel/config/citadel.toml").unwrap();
-    st.write("/opt/citadel/config/citadel.toml", &format!("{before_add}\n[models.extra]\nport = 11406\n"));
+    st.write(
+        "/opt/citadel/config/citadel.toml",
+        &format!("{before_add}\n[models.extra]\nport = 11406\n"),
+    );
     let out = st.install();
-    assert!(out.contains("add      /etc/systemd/system/citadel-model@extra.service.d/50-citadel.conf"), "{out}");
+    assert!(
+        out.contains("add      /etc/systemd/system/citadel-model@extra.service.d/50-citadel.conf"),
+        "{out}"
+    );
     st.cli_ok(&["start", "extra"]);
     st.cli_ok(&["reload"]);
-    st.wait("the gateway routes to the new model", Duration::from_secs(20), || st.gateway_state("extra") == "ready");
+    st.wait(
+        "the gateway routes to the new model",
+        Duration::from_secs(20),
+        || st.gateway_state("extra") == "ready",
+    );
     assert_eq!(st.chat("extra").0, 200);
     // ... and remove it again: install stops and disables it and removes its files.
     st.write("/opt/citadel/config/citadel.toml", &before_add);
     let out = st.install();
-    assert!(out.contains("stopping removed models: citadel-model@extra.service"), "{out}");
+    assert!(
+        out.contains("stopping removed models: citadel-model@extra.service"),
+        "{out}"
+    );
     assert_ne!(st.show(&unit("extra"), "ActiveState"), "active");
-    assert!(st.read("/etc/systemd/system/citadel-model@extra.service.d/50-citadel.conf").is_none());
+    assert!(st
+        .read("/etc/systemd/system/citadel-model@extra.service.d/50-citadel.conf")
+        .is_none());
     st.cli_ok(&["reload", "gateway"]);
-    st.wait("the gateway forgets the removed model", Duration::from_secs(20), || st.gateway_state("extra") == "absent");
+    st.wait(
+        "the gateway forgets the removed model",
+        Duration::from_secs(20),
+        || st.gateway_state("extra") == "absent",
+    );
 
     // stop: the gateway goes down before any model starts stopping.
     st.cli_ok(&["stop"]);
@@ -202,6 +271,9 @@ fn lifecycle_install_start_serve_stop_uninstall() {
             "{m} began stopping before the gateway was down"
         );
     }
+
+    // health when nothing serves: exit 2.
+    assert_eq!(st.cli(&["health"]).status.code(), Some(2));
 
     // uninstall: nothing running or enabled; config and credentials kept.
     st.cli_ok(&["start"]);
@@ -245,7 +317,10 @@ fn lifecycle_install_start_serve_stop_uninstall() {
     st.cli_ok(&["uninstall", "--purge"]);
     assert!(st.read("/opt/citadel/config/citadel.toml").is_none());
     assert!(!st.sb.root().join("opt/citadel").exists());
-    assert!(st.sb.exec_ok(&["getent", "passwd", "citadel"]).is_err(), "the user is removed");
+    assert!(
+        st.sb.exec_ok(&["getent", "passwd", "citadel"]).is_err(),
+        "the user is removed"
+    );
 
     println!(
         "\nPERF e2e: install {install_ms} ms (debug build, incl. daemon-reload), start to all-ready {start_s:.2} s, status best of 5 {:.1} ms",
