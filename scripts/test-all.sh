@@ -1,20 +1,41 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: set-up, build, unit/integration tests
-# (including the booted-systemd sandbox tests), then the end-to-end tiers.
+# (including the booted-systemd sandbox tests), the README's main job, then the
+# real-engine tier. Ends with one line: "all tiers: N passed, M failed".
 # Run as root from the repository's top directory.
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
+log=$(mktemp /tmp/citadel-test-all.XXXXXX)
+trap 'rm -f "$log"' EXIT
+failed_steps=()
 step() { echo; echo "=== $* ($(( $(date +%s) - start ))s)"; }
+run() { # run NAME CMD...: run a step, keep going on failure, remember it
+  local name=$1; shift
+  "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || failed_steps+=("$name (exit $rc)")
+  return 0
+}
 
 step "set-up"
-bash scripts/setup-dev.sh
+bash scripts/setup-dev.sh || exit 2
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+sh scripts/setup-test-python.sh || exit 2   # the official `openai` client, for the gateway's client test
 
 step "build"
-cargo build --workspace --all-targets
+cargo build --workspace --all-targets || exit 2
 
-step "tests"
-cargo test --workspace --no-fail-fast
+step "tests (unit, integration, snapshots, sandboxed systemd end-to-end)"
+run "cargo test" cargo test --workspace --no-fail-fast
+
+step "the README's main job (demo stack up, health, one chat completion)"
+run "demo" bash scripts/demo.sh
 
 step "done"
+passed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed' "$log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$log" | grep -oE '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+for s in "${failed_steps[@]}"; do echo "FAILED step: $s"; failed=$((failed + 1)); done
+echo "took $(( $(date +%s) - start ))s"
+echo "all tiers: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
