@@ -1,5 +1,876 @@
-//! Not implemented yet.
+//! `cargo xtask e2e-vllm`: the real-engine end-to-end tier (issue 6).
+//!
+//! Installs the pinned vLLM CPU build and the tiny model ([`vllm::ensure`],
+//! cached under `$CITADEL_DEV_CACHE`, default `/var/cache/citadel-dev`), boots
+//! a systemd sandbox, writes a stack with two `vllm` models (`tiny-a`,
+//! `tiny-b`, both serving the tiny model) and two simulated ones, installs it
+//! with Citadel's real hardened units and proves, against the real engine:
+//!
+//! * each vLLM unit stays `activating` with changing `STATUS=` until a
+//!   completion works, then is `active` (and a completion works right then),
+//! * chat, completion and streaming through the gateway, `/v1/models`,
+//! * the gateway's `/metrics` and `citadel-systemd health` show the models,
+//! * the engine's own logs are in the unit's journal,
+//! * kill -9 of the vLLM API server: restart, ready again, nothing left of
+//!   the old instance,
+//! * `citadel-systemd stop` leaves no vLLM process (and no /dev/shm segment).
+//!
+//! Prints `PASS`/`FAIL` per check, timings and memory, and a last line
+//! `e2e-vllm: N passed, M failed`; exits non-zero on any failure.
+//!
+//! Caching between runs on one machine: the uv cache, the venv and the model
+//! (`vllm::ensure`), and the engines' compile caches (`$BASE/e2e-engine-cache`
+//! is bind-mounted as the sandbox's `/var/cache/citadel`, the units'
+//! `CacheDirectory=`): torch inductor's compiled kernels make a warm start
+//! about twice as fast. `--cold` starts with an empty engine cache.
 
-pub fn run(_args: Vec<String>) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use citadel_sandbox::{Sandbox, SandboxOptions};
+
+use crate::vllm;
+
+const VLLM_MODELS: [(&str, u16); 2] = [("tiny-a", 11400), ("tiny-b", 11401)];
+const SIM_MODELS: [(&str, u16); 2] = [("sim-a", 11402), ("sim-b", 11403)];
+const GATEWAY: &str = "http://127.0.0.1:8000";
+/// Both engines load in parallel on 2 cores: measured 1-3 min; generous cap.
+const START_DEADLINE: Duration = Duration::from_secs(15 * 60);
+/// The engine cache inside the sandbox (the units' `CacheDirectory=citadel/%i`).
+const SANDBOX_CACHE: &str = "/var/cache/citadel";
+
+fn usage() -> &'static str {
+    "usage: cargo xtask e2e-vllm [--bin-dir DIR] [--base DIR] [--cold]\n\
+     \n\
+     --bin-dir DIR  take citadel-systemd, citadel-model, citadel-gateway and\n\
+     \x20              citadel-engine-sim from DIR (default: build them, debug)\n\
+     --base DIR     vLLM cache base (default $CITADEL_DEV_CACHE or /var/cache/citadel-dev)\n\
+     --cold         start the engines with an empty compile cache"
+}
+
+pub fn run(args: Vec<String>) -> Result<()> {
+    let mut bin_dir: Option<PathBuf> = None;
+    let mut base = vllm::default_base();
+    let mut cold = false;
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--bin-dir" => bin_dir = Some(it.next().context(usage())?.into()),
+            "--base" => base = it.next().context(usage())?.into(),
+            "--cold" => cold = true,
+            "-h" | "--help" => {
+                println!("{}", usage());
+                return Ok(());
+            }
+            other => bail!("unknown argument `{other}`\n{}", usage()),
+        }
+    }
+    let t0 = Instant::now();
+    ensure_debian_packages(&["g++", "python3-dev"])?;
+    let t = Instant::now();
+    let paths = vllm::ensure(&base)?;
+    println!(
+        "e2e-vllm: venv + model ready in {:.1} s ({})",
+        t.elapsed().as_secs_f64(),
+        paths.base.display()
+    );
+    let bin_dir = match bin_dir {
+        Some(d) => d,
+        None => build_binaries()?,
+    };
+    let bin_dir = bin_dir
+        .canonicalize()
+        .with_context(|| format!("--bin-dir {}", bin_dir.display()))?;
+    for b in [
+        "citadel-systemd",
+        "citadel-model",
+        "citadel-gateway",
+        "citadel-engine-sim",
+    ] {
+        if !bin_dir.join(b).is_file() {
+            bail!("{b} is missing in {}", bin_dir.display());
+        }
+    }
+    let engine_cache = paths.base.join("e2e-engine-cache");
+    if cold && engine_cache.exists() {
+        std::fs::remove_dir_all(&engine_cache)?;
+    }
+    std::fs::create_dir_all(&engine_cache)?;
+
+    let mut r = Report::default();
+    let result = scenario(&mut r, &paths, &bin_dir, &engine_cache);
+    if let Err(e) = &result {
+        r.check("scenario ran to the end", false, format!("{e:#}"));
+    }
+    println!(
+        "e2e-vllm: total wall time {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    println!("e2e-vllm: {} passed, {} failed", r.passed, r.failed);
+    if r.failed > 0 {
+        bail!("{} check(s) failed", r.failed);
+    }
+    Ok(())
+}
+
+/// apt-get install what the engine needs at run time (inductor runs g++ on
+/// Python.h) unless present. `scripts/setup-dev.sh` installs them too.
+fn ensure_debian_packages(pkgs: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg")
+                .args(["-s", p])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("e2e-vllm: apt-get install {}", missing.join(" "));
+    let ok = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+/// `cargo build` of the four binaries (debug); returns the directory.
+fn build_binaries() -> Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace dir")?
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let t = Instant::now();
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .args(["build", "--quiet", "--bins"])
+        .args(["-p", "citadel-systemd", "-p", "citadel-supervisor"])
+        .args(["-p", "citadel-gateway", "-p", "citadel-engine-sim"])
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build failed: {status}");
+    }
+    println!(
+        "e2e-vllm: binaries built in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), PathBuf::from);
+    Ok(target.join("debug"))
+}
+
+#[derive(Default)]
+struct Report {
+    passed: u32,
+    failed: u32,
+}
+
+impl Report {
+    fn check(&mut self, what: &str, ok: bool, detail: impl Display) -> bool {
+        if ok {
+            self.passed += 1;
+            println!("PASS {what}: {detail}");
+        } else {
+            self.failed += 1;
+            println!("FAIL {what}: {detail}");
+        }
+        ok
+    }
+}
+
+fn info(what: &str, detail: impl Display) {
+    println!("INFO {what}: {detail}");
+}
+
+fn unit(model: &str) -> String {
+    format!("citadel-model@{model}.service")
+}
+
+/// The stack: two vLLM models, two simulators, the gateway.
+pub fn config(paths: &vllm::VllmPaths) -> String {
+    let mut c = String::from(
+        r#"# citadel.toml of `cargo xtask e2e-vllm`: two real vLLM (CPU) models, two simulators.
+[paths]
+home = "/opt/citadel"
+
+[service]
+user = "citadel"
+group = "citadel"
+
+[gateway]
+listen = "127.0.0.1"
+port = 8000
+auth = true
+rate_limit_per_minute = 1000
+memory_max = "256M"
+
+[model_defaults]
+engine = "sim"
+start_timeout = "2min"
+stop_timeout = "10s"
+watchdog = "10s"
+memory_max = "256M"
+"#,
+    );
+    for (i, (name, port)) in VLLM_MODELS.iter().enumerate() {
+        c.push_str(&format!(
+            r#"
+[models.{name}]
+engine = "vllm"
+port = {port}
+python = "{python}"
+model = "{model}"
+max_model_len = 1024
+start_timeout = "15min"
+stop_timeout = "30s"
+watchdog = "60s"
+memory_max = "6G"
+tasks_max = 4096
+nofile = 65536
+env = {{ VLLM_CPU_KVCACHE_SPACE = "1", VLLM_CPU_OMP_THREADS_BIND = "{cpu}" }}
+"#,
+            python = paths.python.display(),
+            model = paths.model_dir.display(),
+            cpu = i % 2,
+        ));
+    }
+    for (name, port) in SIM_MODELS {
+        c.push_str(&format!(
+            "\n[models.{name}]\nport = {port}\nargs = [\"--load-time\", \"1s\", \"--tokens-per-second\", \"200\"]\n"
+        ));
+    }
+    c
+}
+
+struct Tier {
+    sb: Sandbox,
+    cli: String,
+    bin_dir: String,
+}
+
+impl Tier {
+    fn exec(&self, argv: &[&str]) -> (bool, String) {
+        match self.sb.exec(argv) {
+            Ok(out) => (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ),
+            Err(e) => (false, format!("nsenter: {e}")),
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> (Option<i32>, String) {
+        let mut argv = vec![self.cli.as_str()];
+        argv.extend_from_slice(args);
+        let t = Instant::now();
+        match self.sb.exec(&argv) {
+            Ok(out) => {
+                let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+                println!(
+                    "$ citadel-systemd {}  [{} in {:.1} s]\n{}{}",
+                    args.join(" "),
+                    out.status,
+                    t.elapsed().as_secs_f64(),
+                    stdout,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                (out.status.code(), stdout)
+            }
+            Err(e) => (None, format!("nsenter: {e}")),
+        }
+    }
+
+    fn show(&self, unit: &str, prop: &str) -> String {
+        self.exec(&["systemctl", "show", "--value", "-p", prop, unit])
+            .1
+            .trim()
+            .to_owned()
+    }
+
+    /// `Key=Value` properties of several units at once (one exec).
+    fn show_many(&self, units: &[String], props: &[&str]) -> Vec<Vec<(String, String)>> {
+        let mut argv = vec!["systemctl".to_owned(), "show".to_owned()];
+        for p in props {
+            argv.push("-p".into());
+            argv.push((*p).into());
+        }
+        argv.extend(units.iter().cloned());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = self.exec(&argv).1;
+        out.split("\n\n")
+            .map(|block| {
+                block
+                    .lines()
+                    .filter_map(|l| l.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// curl inside: (status, body, seconds).
+    fn http(
+        &self,
+        method: &str,
+        url: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String, f64) {
+        let mut argv = vec![
+            "curl",
+            "-s",
+            "-N",
+            "-m",
+            "60",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code} %{time_total}",
+            "-X",
+            method,
+        ];
+        let auth;
+        if let Some(k) = key {
+            auth = format!("Authorization: Bearer {k}");
+            argv.extend(["-H", auth.as_str()]);
+        }
+        if let Some(b) = body {
+            argv.extend(["-H", "Content-Type: application/json", "--data-binary", b]);
+        }
+        argv.push(url);
+        let out = self.exec(&argv).1;
+        let (body, tail) = out.rsplit_once('\n').unwrap_or(("", "0 0"));
+        let mut tail = tail.split_whitespace();
+        let code = tail.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+        let secs = tail.next().and_then(|c| c.parse().ok()).unwrap_or(0.0);
+        (code, body.to_owned(), secs)
+    }
+
+    fn api_key(&self) -> String {
+        std::fs::read_to_string(self.sb.root().join("etc/citadel/credentials/api-keys"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    }
+
+    /// A completion straight against an engine (no gateway).
+    fn engine_completion(&self, model: &str, port: u16) -> (u16, String, f64) {
+        let body = format!(r#"{{"model":"{model}","prompt":"hello","max_tokens":4}}"#);
+        self.http(
+            "POST",
+            &format!("http://127.0.0.1:{port}/v1/completions"),
+            None,
+            Some(&body),
+        )
+    }
+
+    fn pgrep(&self, pattern: &str) -> Vec<u32> {
+        self.exec(&["pgrep", "-f", pattern])
+            .1
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// PIDs in a unit's cgroup (systemd's own hierarchy on this cgroup v1 host,
+    /// the unified one on v2).
+    fn cgroup_pids(&self, unit: &str) -> Vec<u32> {
+        let cg = self.show(unit, "ControlGroup");
+        if cg.is_empty() {
+            return Vec::new();
+        }
+        let script = r#"for h in /sys/fs/cgroup/systemd /sys/fs/cgroup/unified /sys/fs/cgroup; do
+  if [ -r "$h$1/cgroup.procs" ]; then find "$h$1" -name cgroup.procs -exec cat {} +; exit 0; fi
+done"#;
+        self.exec(&["sh", "-c", script, "sh", &cg])
+            .1
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// (processes, PSS MiB) of a unit's cgroup.
+    fn unit_pss_mib(&self, unit: &str) -> (usize, u64) {
+        let pids = self.cgroup_pids(unit);
+        let mut argv: Vec<String> = vec![
+            "sh".into(),
+            "-c".into(),
+            "for p in \"$@\"; do grep '^Pss:' /proc/$p/smaps_rollup 2>/dev/null; done".into(),
+            "sh".into(),
+        ];
+        argv.extend(pids.iter().map(u32::to_string));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let kib: u64 = self
+            .exec(&argv)
+            .1
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        (pids.len(), kib / 1024)
+    }
+
+    fn journal(&self, unit: &str) -> String {
+        self.exec(&["journalctl", "--no-pager", "-o", "cat", "-u", unit])
+            .1
+    }
+
+    fn journal_tail(&self, unit: &str, n: usize) -> String {
+        let j = self.journal(unit);
+        let lines: Vec<&str> = j.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Polls `f` every 250 ms until it is true or `timeout` passes; the time it took.
+    fn poll(&self, timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+        let t = Instant::now();
+        loop {
+            if f() {
+                return Some(t.elapsed());
+            }
+            if t.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// What the start-up poll saw of one vLLM unit.
+#[derive(Default, Debug)]
+struct StartTrace {
+    activating_seen: bool,
+    statuses: Vec<String>,
+    ready_after: Option<Duration>,
+    /// The engine's /health said 200 while the unit was still activating.
+    health_ok_while_activating: bool,
+    completion_at_ready: Option<(u16, f64)>,
+    failed: Option<String>,
+}
+
+fn scenario(r: &mut Report, paths: &vllm::VllmPaths, bin_dir: &Path, cache: &Path) -> Result<()> {
+    let t = Instant::now();
+    let mut opts = SandboxOptions::new("e2e-vllm");
+    opts.extra_nspawn_args
+        .push(format!("--bind={}:{SANDBOX_CACHE}", cache.display()));
+    let sb = Sandbox::boot(opts).context("booting the systemd sandbox")?;
+    println!(
+        "e2e-vllm: sandbox {} booted in {:.1} s",
+        sb.name(),
+        t.elapsed().as_secs_f64()
+    );
+    let tier = Tier {
+        cli: bin_dir.join("citadel-systemd").display().to_string(),
+        bin_dir: bin_dir.display().to_string(),
+        sb,
+    };
+    let cfg_path = tier.sb.root().join("opt/citadel/config/citadel.toml");
+    std::fs::create_dir_all(cfg_path.parent().context("config dir")?)?;
+    std::fs::write(&cfg_path, config(paths))?;
+
+    let result = steps(r, &tier);
+    if result.is_err() || r.failed > 0 {
+        for (m, _) in VLLM_MODELS {
+            println!(
+                "--- journal tail of {}\n{}",
+                unit(m),
+                tier.journal_tail(&unit(m), 40)
+            );
+        }
+    }
+    let t = Instant::now();
+    tier.sb.shutdown().context("sandbox teardown")?;
+    println!(
+        "e2e-vllm: sandbox torn down in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    result
+}
+
+fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
+    let (code, out) = tier.cli(&["validate", "--bin-dir", &tier.bin_dir]);
+    r.check(
+        "validate (config, systemd-analyze verify, exposure targets)",
+        code == Some(0),
+        format!("exit {code:?}"),
+    );
+    let (code, out_install) = tier.cli(&["install", "--bin-dir", &tier.bin_dir]);
+    if !r.check("install", code == Some(0), format!("exit {code:?}")) {
+        bail!("install failed:\n{out}{out_install}");
+    }
+    let key = tier.api_key();
+
+    // --- start: activating with progress, READY only once a completion works.
+    let vllm_units: Vec<String> = VLLM_MODELS.iter().map(|(m, _)| unit(m)).collect();
+    let start_out = std::env::temp_dir().join(format!("e2e-vllm-start-{}.log", std::process::id()));
+    let t_start = Instant::now();
+    let mut start = tier
+        .sb
+        .command(&[&tier.cli, "start"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&start_out)?)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawning citadel-systemd start")?;
+    let mut traces: Vec<StartTrace> = VLLM_MODELS.iter().map(|_| StartTrace::default()).collect();
+    let mut start_status = None;
+    loop {
+        let states = tier.show_many(&vllm_units, &["ActiveState", "StatusText"]);
+        for (i, (model, port)) in VLLM_MODELS.iter().enumerate() {
+            let tr = &mut traces[i];
+            if tr.ready_after.is_some() || tr.failed.is_some() {
+                continue;
+            }
+            let get = |k: &str| {
+                states
+                    .get(i)
+                    .and_then(|s| s.iter().find(|(kk, _)| kk == k))
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            let (active, status) = (get("ActiveState"), get("StatusText"));
+            match active.as_str() {
+                "activating" => {
+                    tr.activating_seen = true;
+                    if !status.is_empty() && tr.statuses.last() != Some(&status) {
+                        tr.statuses.push(status);
+                    }
+                    if !tr.health_ok_while_activating {
+                        let (code, _, _) = tier.http(
+                            "GET",
+                            &format!("http://127.0.0.1:{port}/health"),
+                            None,
+                            None,
+                        );
+                        tr.health_ok_while_activating = code == 200;
+                    }
+                }
+                "active" => {
+                    tr.ready_after = Some(t_start.elapsed());
+                    let (code, _, secs) = tier.engine_completion(model, *port);
+                    tr.completion_at_ready = Some((code, secs));
+                    if !status.is_empty() && tr.statuses.last() != Some(&status) {
+                        tr.statuses.push(status);
+                    }
+                }
+                "failed" | "inactive" if tr.activating_seen => {
+                    tr.failed = Some(format!("{active}: {status}"));
+                }
+                _ => {}
+            }
+        }
+        // `start` returns once every unit is active or has failed (a failed
+        // unit may already be `activating (auto-restart)` again): one more
+        // poll after it exited, then stop watching.
+        if start_status.is_some() {
+            break;
+        }
+        start_status = start.try_wait()?;
+        if t_start.elapsed() > START_DEADLINE {
+            let _ = start.kill();
+            let _ = start.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let start_secs = t_start.elapsed().as_secs_f64();
+    print!(
+        "{}",
+        std::fs::read_to_string(&start_out).unwrap_or_default()
+    );
+    let _ = std::fs::remove_file(&start_out);
+    r.check(
+        "citadel-systemd start",
+        start_status.is_some_and(|s| s.success()),
+        format!("{start_status:?} after {start_secs:.1} s"),
+    );
+    for (i, (model, _)) in VLLM_MODELS.iter().enumerate() {
+        let tr = &traces[i];
+        let loading = tr
+            .statuses
+            .iter()
+            .filter(|s| s.starts_with("loading"))
+            .count();
+        r.check(
+            &format!("{model}: activating with STATUS= progress"),
+            tr.activating_seen && loading >= 2,
+            format!("{loading} distinct loading STATUS texts: {:?}", tr.statuses),
+        );
+        let comp = tr.completion_at_ready;
+        r.check(
+            &format!("{model}: READY, and a completion works at that moment"),
+            tr.ready_after.is_some() && comp.is_some_and(|(c, _)| c == 200),
+            format!(
+                "active after {:.1} s, engine completion {:?}{}",
+                tr.ready_after.map_or(f64::NAN, |d| d.as_secs_f64()),
+                comp,
+                tr.failed
+                    .as_deref()
+                    .map(|f| format!(", {f}"))
+                    .unwrap_or_default()
+            ),
+        );
+        info(
+            &format!("{model}: engine /health 200 while the unit was still activating"),
+            tr.health_ok_while_activating,
+        );
+    }
+    let all_active = VLLM_MODELS
+        .iter()
+        .chain(SIM_MODELS.iter())
+        .all(|(m, _)| tier.show(&unit(m), "ActiveState") == "active")
+        && tier.show("citadel-gateway.service", "ActiveState") == "active";
+    if !r.check("every unit active (2 vLLM, 2 sim, gateway)", all_active, "") {
+        bail!("the stack did not start");
+    }
+
+    // --- serving through the gateway.
+    for (model, _) in VLLM_MODELS {
+        let body = format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":16}}"#
+        );
+        let (code, resp, secs) = tier.http(
+            "POST",
+            &format!("{GATEWAY}/v1/chat/completions"),
+            Some(&key),
+            Some(&body),
+        );
+        let v: serde_json::Value = serde_json::from_str(&resp).unwrap_or_default();
+        r.check(
+            &format!("{model}: chat through the gateway"),
+            code == 200 && v["object"] == "chat.completion" && v["model"] == model,
+            format!("http {code}, {:.0} ms", secs * 1000.0),
+        );
+        let body = format!(r#"{{"model":"{model}","prompt":"once upon","max_tokens":16}}"#);
+        let (code, resp, secs) = tier.http(
+            "POST",
+            &format!("{GATEWAY}/v1/completions"),
+            Some(&key),
+            Some(&body),
+        );
+        let v: serde_json::Value = serde_json::from_str(&resp).unwrap_or_default();
+        r.check(
+            &format!("{model}: completion through the gateway"),
+            code == 200 && v["object"] == "text_completion",
+            format!("http {code}, {:.0} ms", secs * 1000.0),
+        );
+        let body = format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":16,"stream":true}}"#
+        );
+        let (code, resp, secs) = tier.http(
+            "POST",
+            &format!("{GATEWAY}/v1/chat/completions"),
+            Some(&key),
+            Some(&body),
+        );
+        let events = resp.lines().filter(|l| l.starts_with("data: {")).count();
+        r.check(
+            &format!("{model}: streamed chat through the gateway"),
+            code == 200 && events >= 2 && resp.contains("data: [DONE]"),
+            format!("http {code}, {events} chunks, {:.0} ms", secs * 1000.0),
+        );
+    }
+    let (code, resp, _) = tier.http("GET", &format!("{GATEWAY}/v1/models"), Some(&key), None);
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap_or_default();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["id"].as_str()).collect())
+        .unwrap_or_default();
+    r.check(
+        "/v1/models lists the vLLM models",
+        code == 200 && VLLM_MODELS.iter().all(|(m, _)| ids.contains(m)),
+        format!("http {code}, {ids:?}"),
+    );
+
+    // --- observability: gateway metrics, engine metrics, health, status, journal.
+    let (code, metrics, _) = tier.http("GET", &format!("{GATEWAY}/metrics"), None, None);
+    for (model, port) in VLLM_MODELS {
+        let label = format!("model=\"{model}\"");
+        let up = metrics.lines().any(|l| {
+            l.starts_with("citadel_gateway_backend_up") && l.contains(&label) && l.ends_with(" 1")
+        });
+        let served = metrics.lines().any(|l| {
+            l.starts_with("citadel_gateway_requests")
+                && l.contains(&label)
+                && l.contains("200")
+                && !l.ends_with(" 0")
+        });
+        r.check(
+            &format!("{model}: gateway /metrics (backend_up 1, requests counted)"),
+            code == 200 && up && served,
+            format!("http {code}, backend_up {up}, requests {served}"),
+        );
+        let (code, em, _) = tier.http(
+            "GET",
+            &format!("http://127.0.0.1:{port}/metrics"),
+            None,
+            None,
+        );
+        let series = em
+            .lines()
+            .filter(|l| l.starts_with("vllm:"))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        r.check(
+            &format!("{model}: the engine's own /metrics"),
+            code == 200 && series > 10,
+            format!("http {code}, {series} vllm:* series"),
+        );
+    }
+    let (code, out) = tier.cli(&["health", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+    let healthy = |m: &str| {
+        v["models"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["model"] == m))
+            .is_some_and(|x| x["healthy"] == true)
+    };
+    r.check(
+        "citadel-systemd health: healthy, vLLM models ok",
+        code == Some(0) && v["overall"] == "healthy" && VLLM_MODELS.iter().all(|(m, _)| healthy(m)),
+        format!("exit {code:?}, overall {}", v["overall"]),
+    );
+    let (_, out) = tier.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+    let serving = |m: &str| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|x| x["service"] == m))
+            .is_some_and(|x| {
+                x["active_state"] == "active"
+                    && x["status_text"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with("serving"))
+            })
+    };
+    r.check(
+        "citadel-systemd status: vLLM models active, serving",
+        VLLM_MODELS.iter().all(|(m, _)| serving(m)),
+        "",
+    );
+    for (model, _) in VLLM_MODELS {
+        let j = tier.journal(&unit(model));
+        let markers = ["non-default args", "(EngineCore", "Starting to load model"];
+        let found: Vec<&str> = markers.iter().copied().filter(|m| j.contains(m)).collect();
+        r.check(
+            &format!("{model}: vLLM's own log lines in the unit's journal"),
+            found.len() == markers.len(),
+            format!("found {found:?} in {} lines", j.lines().count()),
+        );
+        let mem = tier.show(&unit(model), "MemoryCurrent");
+        let (procs, pss) = tier.unit_pss_mib(&unit(model));
+        info(
+            &format!("{model}: memory"),
+            format!(
+                "MemoryCurrent {} MiB, PSS {pss} MiB in {procs} processes",
+                mem.parse::<u64>()
+                    .map_or(mem.clone(), |b| (b >> 20).to_string())
+            ),
+        );
+    }
+
+    // --- kill -9 of the API server: restart, ready again, nothing of the old instance left.
+    let (model, port) = VLLM_MODELS[1];
+    let u = unit(model);
+    let before: u64 = tier.show(&u, "NRestarts").parse().unwrap_or(0);
+    let old = tier.cgroup_pids(&u);
+    let api = tier.pgrep(&format!(
+        "vllm.entrypoints.openai.api_server.*--port {port}"
+    ));
+    if r.check(
+        &format!("{model}: one vLLM API server process"),
+        api.len() == 1,
+        format!("{api:?} ({} processes in the unit)", old.len()),
+    ) {
+        let t = Instant::now();
+        tier.exec(&["kill", "-9", &api[0].to_string()]);
+        let back = tier.poll(START_DEADLINE, || {
+            tier.show(&u, "NRestarts").parse::<u64>().unwrap_or(0) > before
+                && tier.show(&u, "ActiveState") == "active"
+        });
+        let (code, _, _) = tier.engine_completion(model, port);
+        r.check(
+            &format!("{model}: kill -9 of the API server -> restarted -> READY again"),
+            back.is_some() && code == 200,
+            format!(
+                "NRestarts {before} -> {}, ready again after {:.1} s, completion http {code}",
+                tier.show(&u, "NRestarts"),
+                t.elapsed().as_secs_f64()
+            ),
+        );
+        let now = tier.cgroup_pids(&u);
+        let alive: Vec<u32> = old
+            .iter()
+            .copied()
+            .filter(|p| !now.contains(p) && tier.exec(&["kill", "-0", &p.to_string()]).0)
+            .collect();
+        let reused: Vec<u32> = old.iter().copied().filter(|p| now.contains(p)).collect();
+        r.check(
+            &format!("{model}: no process of the killed instance remains"),
+            alive.is_empty() && reused.is_empty(),
+            format!("old {old:?}, now {now:?}"),
+        );
+        let gw = tier.poll(Duration::from_secs(60), || {
+            let body = format!(
+                r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":4}}"#
+            );
+            tier.http(
+                "POST",
+                &format!("{GATEWAY}/v1/chat/completions"),
+                Some(&key),
+                Some(&body),
+            )
+            .0 == 200
+        });
+        r.check(
+            &format!("{model}: serves through the gateway again"),
+            gw.is_some(),
+            format!("{gw:?}"),
+        );
+    }
+
+    // --- stop: nothing of vLLM left.
+    let t = Instant::now();
+    let (code, _) = tier.cli(&["stop"]);
+    let stop_secs = t.elapsed().as_secs_f64();
+    let left = tier.pgrep("vllm|VLLM|EngineCore");
+    r.check(
+        "citadel-systemd stop leaves no vLLM process",
+        code == Some(0) && left.is_empty(),
+        format!("exit {code:?} in {stop_secs:.1} s, left {left:?}"),
+    );
+    let shm = tier
+        .exec(&[
+            "sh",
+            "-c",
+            "ls /dev/shm | grep -c -e psm_ -e sem.mp || true",
+        ])
+        .1;
+    info("/dev/shm segments left after stop", shm.trim());
+    Ok(())
 }

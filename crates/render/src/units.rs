@@ -236,6 +236,13 @@ pub fn hardening_exceptions(kind: EngineKind) -> Vec<(&'static str, &'static str
                 "(no ~@resources)",
                 "vLLM's CPU backend binds memory to NUMA nodes (mbind, set_mempolicy)",
             ));
+            if kind == EngineKind::Vllm {
+                out.push((
+                    "RestrictAddressFamilies",
+                    "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+                    "vLLM's worker sets up torch.distributed (gloo) even on one CPU; gloo enumerates the network interfaces with getifaddrs(), a netlink socket, and the worker dies with EAFNOSUPPORT without it (measured: cargo xtask e2e-vllm)",
+                ));
+            }
         }
         EngineKind::Ollama => {
             out.push((
@@ -265,6 +272,14 @@ fn engine_profile(w: &mut UnitWriter, settings: &Settings, m: &Model) {
     }
     if !excepted("SystemCallFilter") {
         w.set("SystemCallFilter", "~@resources");
+    }
+    if let Some((_, families, _)) = exceptions
+        .iter()
+        .find(|(name, _, _)| *name == "RestrictAddressFamilies")
+    {
+        // An empty assignment resets the template's list, then the engine's own.
+        w.set("RestrictAddressFamilies", "")
+            .set("RestrictAddressFamilies", *families);
     }
     if !excepted("IPAddressDeny") {
         w.comment("The engine serves on loopback and has no business elsewhere (no telemetry, no downloads).")
