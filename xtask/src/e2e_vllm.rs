@@ -39,6 +39,8 @@ const SIM_MODELS: [(&str, u16); 2] = [("sim-a", 11402), ("sim-b", 11403)];
 const GATEWAY: &str = "http://127.0.0.1:8000";
 /// Both engines load in parallel on 2 cores: measured 1-3 min; generous cap.
 const START_DEADLINE: Duration = Duration::from_secs(15 * 60);
+/// tiny-a's base TimeoutStartSec (an operator drop-in), far below its load time.
+const SHORT_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// The engine cache inside the sandbox (the units' `CacheDirectory=citadel/%i`).
 const SANDBOX_CACHE: &str = "/var/cache/citadel";
 
@@ -519,6 +521,20 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
         code == Some(0),
         format!("exit {code:?}"),
     );
+    // An operator's drop-in gives tiny-a a base start timeout far below its
+    // load time: only the supervisor's EXTEND_TIMEOUT_USEC keeps it alive.
+    let dropin = tier.sb.root().join(format!(
+        "etc/systemd/system/{}.d/override.conf",
+        unit(VLLM_MODELS[0].0)
+    ));
+    std::fs::create_dir_all(dropin.parent().context("drop-in dir")?)?;
+    std::fs::write(
+        &dropin,
+        format!(
+            "[Service]\nTimeoutStartSec={}s\n",
+            SHORT_START_TIMEOUT.as_secs()
+        ),
+    )?;
     let (code, out_install) = tier.cli(&["install", "--bin-dir", &tier.bin_dir]);
     if !r.check("install", code == Some(0), format!("exit {code:?}")) {
         bail!("install failed:\n{out}{out_install}");
@@ -635,6 +651,24 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
                     .unwrap_or_default()
             ),
         );
+        if i == 0 {
+            let ts = tier.show(&unit(model), "TimeoutStartUSec");
+            match tr.ready_after {
+                Some(d) if d > SHORT_START_TIMEOUT => {
+                    r.check(
+                        &format!(
+                            "{model}: loading outlived TimeoutStartSec by EXTEND_TIMEOUT_USEC"
+                        ),
+                        ts == format!("{}s", SHORT_START_TIMEOUT.as_secs()),
+                        format!("TimeoutStartSec {ts}, ready after {:.1} s", d.as_secs_f64()),
+                    );
+                }
+                _ => info(
+                    &format!("{model}: EXTEND_TIMEOUT_USEC not exercised"),
+                    format!("ready before TimeoutStartSec {ts}"),
+                ),
+            }
+        }
         info(
             &format!("{model}: engine /health 200 while the unit was still activating"),
             tr.health_ok_while_activating,
@@ -781,6 +815,10 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
             &format!("{model}: vLLM's own log lines in the unit's journal"),
             found.len() == markers.len(),
             format!("found {found:?} in {} lines", j.lines().count()),
+        );
+        info(
+            &format!("{model}: LimitNOFILE"),
+            tier.show(&unit(model), "LimitNOFILE"),
         );
         let mem = tier.show(&unit(model), "MemoryCurrent");
         let (procs, pss) = tier.unit_pss_mib(&unit(model));
