@@ -19,5 +19,11 @@ if [ "$(ps -p 1 -o comm= 2>/dev/null)" = systemd ] && [ -d /run/systemd/system ]
   bash scripts/demo-stack.sh "$bin"
 else
   echo "systemd is not PID 1 here: running the demo inside a sandbox (cargo xtask sandbox)"
-  cargo xtask sandbox --name demo run -- bash "$PWD/scripts/demo-stack.sh" "$bin"
+  # The sandbox sees the host's files, except below /tmp (a fresh tmpfs inside),
+  # where this clone may live: stage what the demo runs under /var/tmp.
+  stage=$(mktemp -d /var/tmp/citadel-demo.XXXXXX)
+  trap 'rm -rf "$stage"' EXIT
+  cp "$bin"/citadel-systemd "$bin"/citadel-model "$bin"/citadel-gateway "$bin"/citadel-engine-sim scripts/demo-stack.sh "$stage"/
+  chmod 755 "$stage"
+  cargo xtask sandbox --name demo run -- bash "$stage/demo-stack.sh" "$stage"
 fi

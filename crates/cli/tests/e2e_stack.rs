@@ -477,5 +477,12 @@ memory_high = "88M"
             "{m} survived its neighbours' failures"
         );
     }
+
+    // A start that fails says so: exit 3, the unit's result and its last journal lines.
+    let out = st.cli(&["start", "crashy"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("citadel-model@crashy.service: job failed"), "{err}");
+    assert!(err.contains("last journal lines:") && err.contains("crash-on-start"), "{err}");
     st.sb.shutdown().expect("clean teardown");
 }

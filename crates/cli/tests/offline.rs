@@ -177,3 +177,22 @@ fn usage_errors_exit_2() {
     let cli = Cli::new();
     cli.run(&["frobnicate"]).expect_code(2);
 }
+
+#[test]
+fn systemd_commands_refuse_clearly_without_systemd_as_pid1() {
+    let cli = Cli::new();
+    cli.write_config(ONE_MODEL);
+    let out = cli.run(&["status"]);
+    if std::path::Path::new("/run/systemd/system").is_dir() {
+        // A host booted with systemd: status of units that do not exist is harmless.
+        out.expect_code(0);
+        return;
+    }
+    out.expect_code(2);
+    let err = out.stderr();
+    assert!(err.contains("systemd is not running as PID 1"), "{err}");
+    assert!(
+        err.contains("cargo xtask sandbox"),
+        "points to the sandbox: {err}"
+    );
+}

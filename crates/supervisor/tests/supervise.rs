@@ -237,13 +237,11 @@ args = ["--crash-on-start"]"#,
         .wait_exit(5 * SEC)
         .expect("supervisor exits when the engine dies");
     assert_eq!(status.code(), Some(69));
+    // The last datagram may still be on its way to the reader thread: wait for it.
+    let found = sv.wait_msg(5 * SEC, |m| m.starts("STATUS=failed: engine of m exited"));
     let msgs = sv.messages();
+    assert!(found.is_some(), "STATUS explains the failure: {msgs:?}");
     assert!(!msgs.iter().any(is_ready), "never READY=1: {msgs:?}");
-    assert!(
-        msgs.iter()
-            .any(|m| m.starts("STATUS=failed: engine of m exited")),
-        "STATUS explains the failure: {msgs:?}"
-    );
 }
 
 #[test]
@@ -305,6 +303,10 @@ start_timeout = "3s""#,
         took >= 3 * SEC,
         "gave up only at start_timeout, after {took:?}"
     );
+    sv.wait_msg(5 * SEC, |m| {
+        m.value("STATUS")
+            .is_some_and(|s| s.starts_with("failed: m did not become ready"))
+    });
     let msgs = sv.messages();
     assert!(
         !msgs.iter().any(is_ready),
@@ -473,14 +475,11 @@ binary = "{sim}""#,
     );
     let status = sv.wait_exit(5 * SEC).expect("exits at once");
     assert_eq!(status.code(), Some(69));
-    let msgs = sv.messages();
-    assert!(!msgs.iter().any(is_ready));
-    assert!(
-        msgs.iter().any(|m| m.starts(&format!(
-            "STATUS=failed: port {port} on 127.0.0.1 is not available"
-        ))),
-        "{msgs:?}"
-    );
+    // The datagram may still be on its way to the test's reader thread: wait for it.
+    let expected = format!("STATUS=failed: port {port} on 127.0.0.1 is not available");
+    let found = sv.wait_msg(5 * SEC, |m| m.starts(&expected));
+    assert!(found.is_some(), "{:?}", sv.messages());
+    assert!(!sv.messages().iter().any(is_ready));
     drop(squatter);
 }
 

@@ -41,7 +41,24 @@ impl Stack {
             );
         }
         let sb = Sandbox::boot(SandboxOptions::new(name)).expect("boot the systemd sandbox");
-        let stack = Stack { sb, cli, bin_dir };
+        // The host's files are visible inside, except below /tmp (nspawn mounts a
+        // fresh tmpfs there) where a clone may live: copy the binaries in.
+        let inside = "/usr/local/lib/citadel-test/bin";
+        let dest = sb.root().join(&inside[1..]);
+        std::fs::create_dir_all(&dest).unwrap();
+        for b in [
+            "citadel-systemd",
+            "citadel-model",
+            "citadel-gateway",
+            "citadel-engine-sim",
+        ] {
+            std::fs::copy(std::path::Path::new(&bin_dir).join(b), dest.join(b)).unwrap();
+        }
+        let stack = Stack {
+            sb,
+            cli: format!("{inside}/citadel-systemd"),
+            bin_dir: inside.to_owned(),
+        };
         stack.write("/opt/citadel/config/citadel.toml", config);
         stack
     }
