@@ -486,9 +486,23 @@ fn scenario(r: &mut Report, paths: &vllm::VllmPaths, bin_dir: &Path, cache: &Pat
         sb.name(),
         t.elapsed().as_secs_f64()
     );
+    // The host's files are visible inside, except below /tmp (nspawn mounts a
+    // fresh tmpfs there) where a clone may live: copy the binaries in.
+    let inside = "/usr/local/lib/citadel-test/bin";
+    let dest = sb.root().join(&inside[1..]);
+    std::fs::create_dir_all(&dest)?;
+    for b in [
+        "citadel-systemd",
+        "citadel-model",
+        "citadel-gateway",
+        "citadel-engine-sim",
+    ] {
+        std::fs::copy(bin_dir.join(b), dest.join(b))
+            .with_context(|| format!("copying {b} into the sandbox"))?;
+    }
     let tier = Tier {
-        cli: bin_dir.join("citadel-systemd").display().to_string(),
-        bin_dir: bin_dir.display().to_string(),
+        cli: format!("{inside}/citadel-systemd"),
+        bin_dir: inside.to_owned(),
         sb,
     };
     let cfg_path = tier.sb.root().join("opt/citadel/config/citadel.toml");
