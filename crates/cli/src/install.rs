@@ -35,6 +35,8 @@ pub struct Plan {
     units_changed: bool,
     /// Instances of models no longer configured (to stop and disable).
     removed_units: Vec<String>,
+    /// Where the rendered copies are kept (`/opt/citadel/config/systemd`).
+    render_dir: PathBuf,
 }
 
 fn unit_dir(root: &Path) -> PathBuf {
@@ -122,22 +124,33 @@ pub fn plan(
         binaries_changed,
         units_changed,
         removed_units,
+        render_dir,
     })
 }
 
 impl Plan {
     pub fn print(&self) {
-        for p in &self.changes.added {
-            println!("  add      {}", p.display());
-        }
-        for p in &self.changes.changed {
-            println!("  change   {}", p.display());
-        }
-        for p in &self.changes.removed {
-            println!("  remove   {}", p.display());
-        }
-        for p in &self.binaries_changed {
-            println!("  update   {}", p.display());
+        // The copies kept in the render directory mirror the installed files:
+        // list the installed ones, count the copies.
+        let mut copies = 0;
+        let mut show = |verb: &str, paths: &[PathBuf]| {
+            for p in paths {
+                if p.starts_with(&self.render_dir) {
+                    copies += 1;
+                } else {
+                    println!("  {verb:<8} {}", p.display());
+                }
+            }
+        };
+        show("add", &self.changes.added);
+        show("change", &self.changes.changed);
+        show("remove", &self.changes.removed);
+        show("update", &self.binaries_changed);
+        if copies > 0 {
+            println!(
+                "  (and {copies} rendered copies in {})",
+                self.render_dir.display()
+            );
         }
         let n = self.changes.added.len()
             + self.changes.changed.len()
