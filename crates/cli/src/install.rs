@@ -147,8 +147,9 @@ impl Plan {
         show("remove", &self.changes.removed);
         show("update", &self.binaries_changed);
         if copies > 0 {
+            let noun = if copies == 1 { "copy" } else { "copies" };
             println!(
-                "  (and {copies} rendered copies in {})",
+                "  (and {copies} rendered {noun} in {})",
                 self.render_dir.display()
             );
         }

@@ -482,7 +482,13 @@ memory_high = "88M"
     let out = st.cli(&["start", "crashy"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("citadel-model@crashy.service: job failed"), "{err}");
-    assert!(err.contains("last journal lines:") && err.contains("crash-on-start"), "{err}");
+    assert!(
+        err.contains("citadel-model@crashy.service: job failed"),
+        "{err}"
+    );
+    assert!(
+        err.contains("last journal lines:") && err.contains("crash-on-start"),
+        "{err}"
+    );
     st.sb.shutdown().expect("clean teardown");
 }
