@@ -28,7 +28,10 @@ pub fn init(syslog_identifier: &str) -> Sink {
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(layer) = tracing_journald::layer() {
             let layer = layer.with_syslog_identifier(syslog_identifier.to_owned());
-            let _ = tracing_subscriber::registry().with(filter).with(layer).try_init();
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(layer)
+                .try_init();
             return Sink::Journald;
         }
     }
@@ -36,6 +39,9 @@ pub fn init(syslog_identifier: &str) -> Sink {
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(false);
-    let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init();
     Sink::Stderr
 }
