@@ -124,7 +124,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    citadel_log::init("citadel-systemd");
+    let _logging = citadel_log::init("citadel-systemd");
     match commands::run(cli) {
         Ok(code) => code,
         Err(err) => {

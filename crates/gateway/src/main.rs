@@ -31,7 +31,7 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    citadel_log::init("citadel-gateway");
+    let _logging = citadel_log::init("citadel-gateway");
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -61,7 +61,7 @@ struct Failure(u8, anyhow::Error);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    citadel_log::init("citadel-model");
+    let _logging = citadel_log::init("citadel-model");
     match real_main(cli) {
         Ok(code) => ExitCode::from(code),
         Err(Failure(code, e)) => {
