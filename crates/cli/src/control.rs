@@ -52,12 +52,47 @@ pub async fn jobs(settings: &Settings, verb: &str, names: &[String]) -> Result<E
             .collect::<Vec<_>>()
             .join(" ")
     );
+    // systemd 252's reload job ends when `kill -HUP` exits, before the gateway
+    // has reloaded: count the gateway's completed reloads to wait for this one.
+    let reloads_before = (verb == "reload" && units.iter().any(|u| u == unit_names::GATEWAY))
+        .then(|| crate::observe::gateway_reloads(settings))
+        .flatten();
     let outcomes = systemd
         .run_jobs(verb, &units, Duration::from_millis(250), |unit, status| {
             println!("  {:<10} {status}", short_name(unit));
         })
         .await?;
     let mut failed = Vec::new();
+    if let Some((before, _)) = reloads_before {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut done = None;
+        while Instant::now() < deadline {
+            match crate::observe::gateway_reloads(settings) {
+                Some((n, last_failed)) if n > before => {
+                    done = Some(last_failed);
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        match done {
+            Some(false) => {}
+            Some(true) => {
+                eprintln!("gateway: the new configuration was rejected; it keeps serving the previous one (see `citadel-systemd logs gateway`)");
+                failed.push(unit_names::GATEWAY.to_owned());
+            }
+            None => {
+                eprintln!("gateway: did not report the reload within 15 s");
+                failed.push(unit_names::GATEWAY.to_owned());
+            }
+        }
+        // READY=1 follows the reload: wait for the unit to leave `reloading`.
+        while Instant::now() < deadline
+            && systemd.unit_state(unit_names::GATEWAY).await?.active_state == "reloading"
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     for o in &outcomes {
         if o.result == "done" {
             continue;

@@ -108,14 +108,7 @@ struct Health {
 async fn health_once(settings: &Settings) -> Result<Health> {
     let systemd = Systemd::connect().await?;
     let gw_state = systemd.unit_state(unit_names::GATEWAY).await?;
-    let gw_addr = SocketAddr::new(
-        if settings.gateway.listen.is_unspecified() {
-            std::net::IpAddr::from([127, 0, 0, 1])
-        } else {
-            settings.gateway.listen
-        },
-        settings.gateway.port.get(),
-    );
+    let gw_addr = gateway_addr(settings);
     let gw_models = http_get(gw_addr, "/health/models")
         .ok()
         .filter(|(code, _)| *code == 200)
@@ -167,6 +160,27 @@ async fn health_once(settings: &Settings) -> Result<Health> {
         gateway_ready,
         models,
     })
+}
+
+/// Where to reach the gateway from this host.
+pub fn gateway_addr(settings: &Settings) -> SocketAddr {
+    let listen = settings.gateway.listen;
+    let ip = if listen.is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        listen
+    };
+    SocketAddr::new(ip, settings.gateway.port.get())
+}
+
+/// The gateway's count of completed SIGHUP reloads and whether the last one
+/// failed (from its `/health`), or None when it does not answer.
+pub fn gateway_reloads(settings: &Settings) -> Option<(u64, bool)> {
+    let (code, body) = http_get(gateway_addr(settings), "/health").ok()?;
+    let v: serde_json::Value = serde_json::from_str(body.trim())
+        .ok()
+        .filter(|_| code == 200)?;
+    Some((v["reloads"].as_u64()?, v["last_reload"] == "failed"))
 }
 
 /// Exit 0 healthy, 1 degraded, 2 down: usable from monitoring as it is.

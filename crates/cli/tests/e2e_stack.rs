@@ -242,6 +242,18 @@ fn lifecycle_install_start_serve_stop_uninstall() {
         || st.gateway_state("extra") == "ready",
     );
     assert_eq!(st.chat("extra").0, 200);
+    // A broken config is refused before anything is reloaded; the gateway keeps serving.
+    let good = st.read("/opt/citadel/config/citadel.toml").unwrap();
+    st.write(
+        "/opt/citadel/config/citadel.toml",
+        &format!("{good}\n[models.broken]\nport = 8000\n"),
+    );
+    let out = st.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("port 8000 is the gateway's port"));
+    st.write("/opt/citadel/config/citadel.toml", &good);
+    assert_eq!(st.chat("extra").0, 200);
+
     // ... and remove it again: install stops and disables it and removes its files.
     st.write("/opt/citadel/config/citadel.toml", &before_add);
     let out = st.install();

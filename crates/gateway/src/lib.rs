@@ -55,6 +55,10 @@ pub(crate) struct Shared {
     pub(crate) stop_notify: Notify,
     pub(crate) status_changed: Notify,
     keys: KeySource,
+    /// SIGHUP reloads completed (successful or not), and whether the last failed:
+    /// on `/health`, so a client (`citadel-systemd reload`) can wait for one.
+    pub(crate) reloads: AtomicU64,
+    pub(crate) last_reload_failed: AtomicBool,
 }
 
 impl Shared {
@@ -152,6 +156,8 @@ pub async fn start(
         stop_notify: Notify::new(),
         status_changed: Notify::new(),
         keys,
+        reloads: AtomicU64::new(0),
+        last_reload_failed: AtomicBool::new(false),
     });
     for b in backends {
         routes::spawn_prober(shared.clone(), b);
@@ -369,6 +375,8 @@ pub async fn run_service(opts: ServiceOptions) -> Result<(), StartError> {
                 if let Err(e) = &res {
                     tracing::error!(error = %e, "reload failed; keeping the previous configuration");
                 }
+                server.shared.last_reload_failed.store(res.is_err(), Relaxed);
+                server.shared.reloads.fetch_add(1, Relaxed);
                 let status = match res {
                     Ok(()) => server.status(),
                     Err(_) => format!("{} (last reload failed)", server.status()),

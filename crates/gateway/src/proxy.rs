@@ -212,7 +212,19 @@ async fn dispatch(
     let path = req.uri().path();
     let no_model = |e| (String::new(), e);
     match (req.method(), path) {
-        (&Method::GET, "/health") => return Ok(json(StatusCode::OK, r#"{"status":"ok"}"#.into())),
+        (&Method::GET, "/health") => {
+            // Liveness, plus how many SIGHUP reloads completed and how the last went.
+            let body = format!(
+                r#"{{"status":"ok","reloads":{},"last_reload":"{}"}}"#,
+                shared.reloads.load(Relaxed),
+                if shared.last_reload_failed.load(Relaxed) {
+                    "failed"
+                } else {
+                    "ok"
+                }
+            );
+            return Ok(json(StatusCode::OK, body));
+        }
         (&Method::GET, "/health/ready") => {
             let (ready, total) = table.ready_count();
             let status = if ready > 0 {

@@ -229,9 +229,15 @@ async fn sighup_reload_under_load_fails_no_request() {
         ),
     )
     .unwrap();
+    let health = get(&c, p.addr, "/health").await.json();
+    assert_eq!(health["reloads"], 0, "{health}");
     signal(&p, "-HUP");
     wait_model_state(&c, p.addr, "beta", "ready").await;
     assert_eq!(post_chat(&c, p.addr, "beta").await.status, 200);
+    // /health counts completed reloads, so a client can wait for one.
+    let health = get(&c, p.addr, "/health").await.json();
+    assert_eq!(health["reloads"], 1, "{health}");
+    assert_eq!(health["last_reload"], "ok", "{health}");
     // A broken config on reload keeps the old one.
     std::fs::write(&cfg, "this is not toml [").unwrap();
     let before = done.load(Relaxed);
@@ -248,6 +254,9 @@ async fn sighup_reload_under_load_fails_no_request() {
         done.load(Relaxed) > before + 20
     })
     .await;
+    let health = get(&c, p.addr, "/health").await.json();
+    assert_eq!(health["reloads"], 2, "{health}");
+    assert_eq!(health["last_reload"], "failed", "{health}");
     assert_eq!(post_chat(&c, p.addr, "beta").await.status, 200);
     stop.store(true, Relaxed);
     for t in load {
