@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 mod bench_gateway;
 mod bench_sim;
+mod e2e_llama_cpp;
 mod e2e_vllm;
 mod sandbox;
 mod vllm;
@@ -28,6 +29,11 @@ const TASKS: &[(&str, &str, Task)] = &[
         "e2e-vllm",
         "run the real-vLLM end-to-end tier inside the sandbox",
         e2e_vllm::run,
+    ),
+    (
+        "e2e-llama-cpp",
+        "build llama.cpp's llama-server and run the real-llama.cpp end-to-end tier in the sandbox",
+        e2e_llama_cpp::run,
     ),
     (
         "bench-sim",

@@ -1,0 +1,1017 @@
+//! `cargo xtask e2e-llama-cpp`: the real llama.cpp end-to-end tier (issue 6).
+//!
+//! Builds llama.cpp's `llama-server` from the source bundled in the pinned
+//! `llama-cpp-python` sdist (PyPI), converts the tiny Llama of
+//! `cargo xtask vllm-setup` to GGUF with the converter bundled in the same
+//! sdist (both cached under `$CITADEL_DEV_CACHE`, default
+//! `/var/cache/citadel-dev`), boots a systemd sandbox, writes a stack with one
+//! `llama-cpp` model and one simulated one, installs it with Citadel's real
+//! hardened units and proves, against the real engine:
+//!
+//! * the unit becomes `active` only once the engine can serve (a completion
+//!   straight to the engine works the moment the unit is active, and the
+//!   engine's "model loaded" line precedes systemd's "Started"),
+//! * chat, completion and streaming through the gateway, `/v1/models`,
+//! * the gateway's `/metrics`, the engine's `/metrics` and
+//!   `citadel-systemd health` show the model,
+//! * llama-server's own logs are in the unit's journal,
+//! * kill -9 of llama-server: restart, ready again, nothing left of the old
+//!   instance,
+//! * `citadel-systemd stop` leaves no llama-server process.
+//!
+//! Prints `PASS`/`FAIL` per check, timings and memory, and a last line
+//! `e2e-llama-cpp: N passed, M failed`; exits non-zero on any failure.
+//! Notes and measured numbers: `tools/llama-cpp/README.md`.
+
+use std::fmt::Display;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use citadel_sandbox::{Sandbox, SandboxOptions};
+
+use crate::vllm;
+
+/// The `llama-cpp-python` sdist whose bundled `vendor/llama.cpp` is built.
+pub const LLAMA_CPP_PYTHON: &str = "0.3.36";
+/// sha256 of `llama_cpp_python-0.3.36.tar.gz` as downloaded from PyPI.
+const SDIST_SHA256: &str = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e";
+/// CMake options. `GGML_NATIVE=OFF` keeps the cached binary portable to any
+/// x86-64 with AVX2/FMA/F16C (ggml's non-native defaults) instead of tying it
+/// to the CPU that built it; static libs make one self-contained file; no
+/// curl/OpenSSL (llama-server must never download anything here) and no
+/// prebuilt web UI (it would be fetched from the network).
+const CMAKE_FLAGS: &[&str] = &[
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_NATIVE=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=ON",
+];
+
+const MODEL: &str = "tiny-gguf";
+const MODEL_PORT: u16 = 11400;
+const SIM: &str = "sim-a";
+const SIM_PORT: u16 = 11401;
+const GATEWAY: &str = "http://127.0.0.1:8000";
+/// llama-server loads the tiny GGUF in well under a second; generous cap.
+const START_DEADLINE: Duration = Duration::from_secs(3 * 60);
+
+fn usage() -> &'static str {
+    "usage: cargo xtask e2e-llama-cpp [--bin-dir DIR] [--base DIR]\n\
+     \n\
+     --bin-dir DIR  take citadel-systemd, citadel-model, citadel-gateway and\n\
+     \x20              citadel-engine-sim from DIR (default: build them, debug)\n\
+     --base DIR     cache base (default $CITADEL_DEV_CACHE or /var/cache/citadel-dev)"
+}
+
+pub fn run(args: Vec<String>) -> Result<()> {
+    let mut bin_dir: Option<PathBuf> = None;
+    let mut base = vllm::default_base();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--bin-dir" => bin_dir = Some(it.next().context(usage())?.into()),
+            "--base" => base = it.next().context(usage())?.into(),
+            "-h" | "--help" => {
+                println!("{}", usage());
+                return Ok(());
+            }
+            other => bail!("unknown argument `{other}`\n{}", usage()),
+        }
+    }
+    let t0 = Instant::now();
+    ensure_debian_packages(&["cmake", "g++", "make"])?;
+    let t = Instant::now();
+    let vpaths = vllm::ensure(&base)?;
+    println!(
+        "e2e-llama-cpp: python env + tiny model ready in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let llama = ensure_llama_cpp(&vpaths)?;
+    let bin_dir = match bin_dir {
+        Some(d) => d,
+        None => build_binaries()?,
+    };
+    let bin_dir = bin_dir
+        .canonicalize()
+        .with_context(|| format!("--bin-dir {}", bin_dir.display()))?;
+    for b in CITADEL_BINS {
+        if !bin_dir.join(b).is_file() {
+            bail!("{b} is missing in {}", bin_dir.display());
+        }
+    }
+
+    let mut r = Report::default();
+    let result = scenario(&mut r, &llama, &bin_dir);
+    if let Err(e) = &result {
+        r.check("scenario ran to the end", false, format!("{e:#}"));
+    }
+    println!(
+        "e2e-llama-cpp: total wall time {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    println!("e2e-llama-cpp: {} passed, {} failed", r.passed, r.failed);
+    if r.failed > 0 {
+        bail!("{} check(s) failed", r.failed);
+    }
+    Ok(())
+}
+
+const CITADEL_BINS: [&str; 4] = [
+    "citadel-systemd",
+    "citadel-model",
+    "citadel-gateway",
+    "citadel-engine-sim",
+];
+
+/// The cached engine and model.
+pub struct LlamaPaths {
+    /// `$BASE/llama-cpp/<pin>/bin/llama-server`
+    pub server: PathBuf,
+    /// `$BASE/models/tiny-llama-gguf/tiny-llama-f32.gguf`
+    pub gguf: PathBuf,
+}
+
+/// Build llama-server and convert the tiny model unless cached (stamps).
+pub fn ensure_llama_cpp(vpaths: &vllm::VllmPaths) -> Result<LlamaPaths> {
+    let dir = vpaths.base.join("llama-cpp").join(LLAMA_CPP_PYTHON);
+    let server = dir.join("bin/llama-server");
+    let convert = dir.join("convert");
+    let stamp = dir.join(".citadel-stamp");
+    let want = format!(
+        "llama-cpp-python=={LLAMA_CPP_PYTHON} sha256={SDIST_SHA256} target=llama-server {}\n",
+        CMAKE_FLAGS.join(" ")
+    );
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str())
+        || !server.is_file()
+        || !convert.join("convert_hf_to_gguf.py").is_file()
+    {
+        build_llama_server(vpaths, &dir)?;
+        fs::write(&stamp, &want)?;
+        vllm::fix_permissions(&dir)?;
+    } else {
+        println!("e2e-llama-cpp: llama-server cached ({})", server.display());
+    }
+
+    let gguf_dir = vpaths.base.join("models/tiny-llama-gguf");
+    let gguf = gguf_dir.join("tiny-llama-f32.gguf");
+    let gstamp = gguf_dir.join(".citadel-stamp");
+    let model_id = fs::read_to_string(vpaths.model_dir.join(".citadel-tiny-model.json"))
+        .context("the tiny model has no .citadel-tiny-model.json")?;
+    let gwant = format!("converter llama-cpp-python=={LLAMA_CPP_PYTHON} f32\n{model_id}");
+    if fs::read_to_string(&gstamp).ok().as_deref() != Some(gwant.as_str()) || !gguf.is_file() {
+        let t = Instant::now();
+        fs::create_dir_all(&gguf_dir)?;
+        let tmp = gguf_dir.join("tiny-llama-f32.gguf.tmp");
+        let out = Command::new(&vpaths.python)
+            .arg(convert.join("convert_hf_to_gguf.py"))
+            .arg(&vpaths.model_dir)
+            .arg("--outfile")
+            .arg(&tmp)
+            .args(["--outtype", "f32"])
+            .env("HF_HUB_OFFLINE", "1")
+            .env("TRANSFORMERS_OFFLINE", "1")
+            .env("HF_HOME", vpaths.base.join("hf-home"))
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .output()
+            .context("running convert_hf_to_gguf.py")?;
+        if !out.status.success() {
+            bail!(
+                "convert_hf_to_gguf.py failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        fs::rename(&tmp, &gguf)?;
+        fs::write(&gstamp, &gwant)?;
+        vllm::fix_permissions(&gguf_dir)?;
+        println!(
+            "e2e-llama-cpp: GGUF converted in {:.1} s ({}, {} bytes)",
+            t.elapsed().as_secs_f64(),
+            gguf.display(),
+            fs::metadata(&gguf)?.len()
+        );
+    } else {
+        println!("e2e-llama-cpp: GGUF cached ({})", gguf.display());
+    }
+    Ok(LlamaPaths { server, gguf })
+}
+
+/// Download the sdist (pip, PyPI, sha256-checked), build `llama-server` from
+/// its `vendor/llama.cpp`, keep the binary and the GGUF converter in `dir`.
+fn build_llama_server(vpaths: &vllm::VllmPaths, dir: &Path) -> Result<()> {
+    let t = Instant::now();
+    if dir.exists() {
+        fs::remove_dir_all(dir)?;
+    }
+    let work = dir.join("work");
+    fs::create_dir_all(&work)?;
+    let pip = vpaths.base.join("uv-tool/bin/pip");
+    run_cmd(
+        Command::new(&pip)
+            .args(["download", "--quiet", "--disable-pip-version-check"])
+            .args(["--no-deps", "--no-binary", ":all:", "-d"])
+            .arg(&work)
+            .arg(format!("llama-cpp-python=={LLAMA_CPP_PYTHON}")),
+    )?;
+    let sdist = work.join(format!("llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"));
+    let sum = Command::new("sha256sum").arg(&sdist).output()?;
+    let sum = String::from_utf8_lossy(&sum.stdout);
+    ensure!(
+        sum.split_whitespace().next() == Some(SDIST_SHA256),
+        "sha256 of {} is {sum}, expected {SDIST_SHA256}",
+        sdist.display()
+    );
+    run_cmd(
+        Command::new("tar")
+            .arg("xzf")
+            .arg(&sdist)
+            .arg("-C")
+            .arg(&work),
+    )?;
+    let src = work.join(format!(
+        "llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp"
+    ));
+    let build = work.join("build");
+    println!(
+        "e2e-llama-cpp: building llama-server from llama-cpp-python=={LLAMA_CPP_PYTHON} (~5 min on 2 cores)"
+    );
+    let log = work.join("build.log");
+    let logf = || -> Result<(Stdio, Stdio)> {
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        Ok((f.try_clone()?.into(), f.into()))
+    };
+    let (o, e) = logf()?;
+    let configure = Command::new("cmake")
+        .arg("-S")
+        .arg(&src)
+        .arg("-B")
+        .arg(&build)
+        .args(CMAKE_FLAGS)
+        .stdout(o)
+        .stderr(e)
+        .status()?;
+    let (o, e) = logf()?;
+    let ok = configure.success()
+        && Command::new("cmake")
+            .arg("--build")
+            .arg(&build)
+            .args(["--target", "llama-server", "-j2"])
+            .stdout(o)
+            .stderr(e)
+            .status()?
+            .success();
+    if !ok {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "building llama-server failed (log {}):\n{}",
+            log.display(),
+            tail.join("\n")
+        );
+    }
+    fs::create_dir_all(dir.join("bin"))?;
+    fs::copy(build.join("bin/llama-server"), dir.join("bin/llama-server"))?;
+    // The converter and the gguf package it imports (from its own gguf-py).
+    let convert = dir.join("convert");
+    fs::create_dir_all(&convert)?;
+    for f in ["convert_hf_to_gguf.py", "LICENSE"] {
+        fs::copy(src.join(f), convert.join(f))?;
+    }
+    for d in ["conversion", "gguf-py"] {
+        run_cmd(Command::new("cp").arg("-a").arg(src.join(d)).arg(&convert))?;
+    }
+    fs::remove_dir_all(&work)?;
+    println!(
+        "e2e-llama-cpp: llama-server built in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    ensure!(status.success(), "{cmd:?} failed: {status}");
+    Ok(())
+}
+
+/// apt-get install what building llama-server needs unless present.
+/// `scripts/setup-dev.sh` installs them too.
+fn ensure_debian_packages(pkgs: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = pkgs
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg")
+                .args(["-s", p])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("e2e-llama-cpp: apt-get install {}", missing.join(" "));
+    let ok = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success());
+    ensure!(ok, "apt-get install {} failed", missing.join(" "));
+    Ok(())
+}
+
+/// `cargo build` of the four binaries (debug); returns the directory.
+fn build_binaries() -> Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace dir")?
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let t = Instant::now();
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .args(["build", "--quiet", "--bins"])
+        .args(["-p", "citadel-systemd", "-p", "citadel-supervisor"])
+        .args(["-p", "citadel-gateway", "-p", "citadel-engine-sim"])
+        .status()
+        .context("running cargo build")?;
+    ensure!(status.success(), "cargo build failed: {status}");
+    println!(
+        "e2e-llama-cpp: binaries built in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), PathBuf::from);
+    Ok(target.join("debug"))
+}
+
+#[derive(Default)]
+struct Report {
+    passed: u32,
+    failed: u32,
+}
+
+impl Report {
+    fn check(&mut self, what: &str, ok: bool, detail: impl Display) -> bool {
+        if ok {
+            self.passed += 1;
+            println!("PASS {what}: {detail}");
+        } else {
+            self.failed += 1;
+            println!("FAIL {what}: {detail}");
+        }
+        ok
+    }
+}
+
+fn info(what: &str, detail: impl Display) {
+    println!("INFO {what}: {detail}");
+}
+
+fn unit(model: &str) -> String {
+    format!("citadel-model@{model}.service")
+}
+
+/// The stack: one llama.cpp model, one simulator, the gateway (auth on).
+pub fn config(llama: &LlamaPaths) -> String {
+    format!(
+        r#"# citadel.toml of `cargo xtask e2e-llama-cpp`: a real llama.cpp model and a simulator.
+[paths]
+home = "/opt/citadel"
+
+[service]
+user = "citadel"
+group = "citadel"
+
+[gateway]
+listen = "127.0.0.1"
+port = 8000
+auth = true
+rate_limit_per_minute = 1000
+memory_max = "256M"
+
+[model_defaults]
+engine = "sim"
+start_timeout = "2min"
+stop_timeout = "10s"
+watchdog = "10s"
+memory_max = "256M"
+
+[models.{MODEL}]
+engine = "llama-cpp"
+port = {MODEL_PORT}
+binary = "{server}"
+model = "{gguf}"
+parallel = 2
+args = ["--ctx-size", "2048", "--threads", "2"]
+memory_max = "1G"
+
+[models.{SIM}]
+port = {SIM_PORT}
+args = ["--load-time", "1s", "--tokens-per-second", "200"]
+"#,
+        server = llama.server.display(),
+        gguf = llama.gguf.display(),
+    )
+}
+
+struct Tier {
+    sb: Sandbox,
+    cli: String,
+    bin_dir: String,
+}
+
+impl Tier {
+    fn exec(&self, argv: &[&str]) -> (bool, String) {
+        match self.sb.exec(argv) {
+            Ok(out) => (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ),
+            Err(e) => (false, format!("nsenter: {e}")),
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> (Option<i32>, String) {
+        let mut argv = vec![self.cli.as_str()];
+        argv.extend_from_slice(args);
+        let t = Instant::now();
+        match self.sb.exec(&argv) {
+            Ok(out) => {
+                let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+                println!(
+                    "$ citadel-systemd {}  [{} in {:.1} s]\n{}{}",
+                    args.join(" "),
+                    out.status,
+                    t.elapsed().as_secs_f64(),
+                    stdout,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                (out.status.code(), stdout)
+            }
+            Err(e) => (None, format!("nsenter: {e}")),
+        }
+    }
+
+    fn show(&self, unit: &str, prop: &str) -> String {
+        self.exec(&["systemctl", "show", "--value", "-p", prop, unit])
+            .1
+            .trim()
+            .to_owned()
+    }
+
+    /// curl inside: (status, body, seconds).
+    fn http(
+        &self,
+        method: &str,
+        url: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String, f64) {
+        let mut argv = vec![
+            "curl",
+            "-s",
+            "-N",
+            "-m",
+            "60",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code} %{time_total}",
+            "-X",
+            method,
+        ];
+        let auth;
+        if let Some(k) = key {
+            auth = format!("Authorization: Bearer {k}");
+            argv.extend(["-H", auth.as_str()]);
+        }
+        if let Some(b) = body {
+            argv.extend(["-H", "Content-Type: application/json", "--data-binary", b]);
+        }
+        argv.push(url);
+        let out = self.exec(&argv).1;
+        let (body, tail) = out.rsplit_once('\n').unwrap_or(("", "0 0"));
+        let mut tail = tail.split_whitespace();
+        let code = tail.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+        let secs = tail.next().and_then(|c| c.parse().ok()).unwrap_or(0.0);
+        (code, body.to_owned(), secs)
+    }
+
+    fn api_key(&self) -> String {
+        fs::read_to_string(self.sb.root().join("etc/citadel/credentials/api-keys"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    }
+
+    /// A completion straight against the engine (no gateway).
+    fn engine_completion(&self) -> (u16, String, f64) {
+        let body = format!(r#"{{"model":"{MODEL}","prompt":"hello","max_tokens":4}}"#);
+        self.http(
+            "POST",
+            &format!("http://127.0.0.1:{MODEL_PORT}/v1/completions"),
+            None,
+            Some(&body),
+        )
+    }
+
+    fn pgrep(&self, pattern: &str) -> Vec<u32> {
+        self.exec(&["pgrep", "-f", pattern])
+            .1
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// PIDs in a unit's cgroup (systemd's own hierarchy on a cgroup v1 host,
+    /// the unified one on v2).
+    fn cgroup_pids(&self, unit: &str) -> Vec<u32> {
+        let cg = self.show(unit, "ControlGroup");
+        if cg.is_empty() {
+            return Vec::new();
+        }
+        let script = r#"for h in /sys/fs/cgroup/systemd /sys/fs/cgroup/unified /sys/fs/cgroup; do
+  if [ -r "$h$1/cgroup.procs" ]; then find "$h$1" -name cgroup.procs -exec cat {} +; exit 0; fi
+done"#;
+        self.exec(&["sh", "-c", script, "sh", &cg])
+            .1
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// (processes, PSS MiB, RSS MiB) of a unit's cgroup.
+    fn unit_memory_mib(&self, unit: &str) -> (usize, u64, u64) {
+        let pids = self.cgroup_pids(unit);
+        let mut argv: Vec<String> = vec![
+            "sh".into(),
+            "-c".into(),
+            "for p in \"$@\"; do grep -e '^Pss:' -e '^Rss:' /proc/$p/smaps_rollup 2>/dev/null; done"
+                .into(),
+            "sh".into(),
+        ];
+        argv.extend(pids.iter().map(u32::to_string));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = self.exec(&argv).1;
+        let sum = |key: &str| -> u64 {
+            out.lines()
+                .filter(|l| l.starts_with(key))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+                / 1024
+        };
+        (pids.len(), sum("Pss:"), sum("Rss:"))
+    }
+
+    fn journal(&self, unit: &str) -> String {
+        self.exec(&["journalctl", "--no-pager", "-o", "cat", "-u", unit])
+            .1
+    }
+
+    fn journal_tail(&self, unit: &str, n: usize) -> String {
+        let j = self.journal(unit);
+        let lines: Vec<&str> = j.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Polls `f` every 100 ms until it is true or `timeout` passes; the time it took.
+    fn poll(&self, timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+        let t = Instant::now();
+        loop {
+            if f() {
+                return Some(t.elapsed());
+            }
+            if t.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn scenario(r: &mut Report, llama: &LlamaPaths, bin_dir: &Path) -> Result<()> {
+    let t = Instant::now();
+    let sb = Sandbox::boot(SandboxOptions::new("e2e-llama-cpp"))
+        .context("booting the systemd sandbox")?;
+    println!(
+        "e2e-llama-cpp: sandbox {} booted in {:.1} s",
+        sb.name(),
+        t.elapsed().as_secs_f64()
+    );
+    // The host's files are visible inside (the cached llama-server and GGUF
+    // under /var/cache included), except below /tmp (nspawn mounts a fresh
+    // tmpfs there) where a clone may live: copy Citadel's binaries in.
+    let inside = "/usr/local/lib/citadel-test/bin";
+    let dest = sb.root().join(&inside[1..]);
+    fs::create_dir_all(&dest)?;
+    for b in CITADEL_BINS {
+        fs::copy(bin_dir.join(b), dest.join(b))
+            .with_context(|| format!("copying {b} into the sandbox"))?;
+    }
+    let tier = Tier {
+        cli: format!("{inside}/citadel-systemd"),
+        bin_dir: inside.to_owned(),
+        sb,
+    };
+    for p in [&llama.server, &llama.gguf] {
+        ensure!(
+            tier.sb.root().join(p.strip_prefix("/")?).is_file(),
+            "{} is not visible inside the sandbox (a --base below /tmp?)",
+            p.display()
+        );
+    }
+    let cfg_path = tier.sb.root().join("opt/citadel/config/citadel.toml");
+    fs::create_dir_all(cfg_path.parent().context("config dir")?)?;
+    fs::write(&cfg_path, config(llama))?;
+
+    let result = steps(r, &tier);
+    if result.is_err() || r.failed > 0 {
+        println!(
+            "--- journal tail of {}\n{}",
+            unit(MODEL),
+            tier.journal_tail(&unit(MODEL), 60)
+        );
+    }
+    let t = Instant::now();
+    tier.sb.shutdown().context("sandbox teardown")?;
+    println!(
+        "e2e-llama-cpp: sandbox torn down in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    result
+}
+
+/// Index of the first journal line containing any of `markers`.
+fn line_of(journal: &str, markers: &[&str]) -> Option<usize> {
+    journal
+        .lines()
+        .position(|l| markers.iter().any(|m| l.contains(m)))
+}
+
+fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
+    let (code, out) = tier.cli(&["validate", "--bin-dir", &tier.bin_dir]);
+    r.check(
+        "validate (config, systemd-analyze verify, exposure targets)",
+        code == Some(0),
+        format!("exit {code:?}"),
+    );
+    let (code, out_install) = tier.cli(&["install", "--bin-dir", &tier.bin_dir]);
+    if !r.check("install", code == Some(0), format!("exit {code:?}")) {
+        bail!("install failed:\n{out}{out_install}");
+    }
+    let key = tier.api_key();
+    let u = unit(MODEL);
+    let (_, cmdline) = tier.exec(&[&format!("{}/citadel-model", tier.bin_dir), "command", MODEL]);
+    info(
+        "engine command line (citadel-model command)",
+        cmdline.trim(),
+    );
+
+    // --- start: active only once the engine serves.
+    let t_start = Instant::now();
+    let mut start = tier
+        .sb
+        .command(&[&tier.cli, "start"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawning citadel-systemd start")?;
+    let mut activating_seen = false;
+    let mut health_while_activating = Vec::new();
+    let mut ready_after = None;
+    let mut completion_at_ready = None;
+    let mut start_status = None;
+    loop {
+        if ready_after.is_none() {
+            match tier.show(&u, "ActiveState").as_str() {
+                "activating" => {
+                    activating_seen = true;
+                    let (code, _, _) = tier.http(
+                        "GET",
+                        &format!("http://127.0.0.1:{MODEL_PORT}/health"),
+                        None,
+                        None,
+                    );
+                    if health_while_activating.last() != Some(&code) {
+                        health_while_activating.push(code);
+                    }
+                }
+                "active" => {
+                    ready_after = Some(t_start.elapsed());
+                    let (code, _, secs) = tier.engine_completion();
+                    completion_at_ready = Some((code, secs));
+                }
+                _ => {}
+            }
+        }
+        if start_status.is_some() {
+            break;
+        }
+        start_status = start.try_wait()?;
+        if t_start.elapsed() > START_DEADLINE {
+            let _ = start.kill();
+            let _ = start.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let start_secs = t_start.elapsed().as_secs_f64();
+    r.check(
+        "citadel-systemd start",
+        start_status.is_some_and(|s| s.success()),
+        format!("{start_status:?} after {start_secs:.1} s"),
+    );
+    info(
+        &format!("{MODEL}: engine /health codes seen while the unit was activating"),
+        format!("{health_while_activating:?} (activating seen: {activating_seen})"),
+    );
+    r.check(
+        &format!("{MODEL}: active, and a completion straight to the engine works at that moment"),
+        ready_after.is_some() && completion_at_ready.is_some_and(|(c, _)| c == 200),
+        format!(
+            "active {:.2} s after start, engine completion {completion_at_ready:?}",
+            ready_after.map_or(f64::NAN, |d| d.as_secs_f64()),
+        ),
+    );
+    // READY=1 (systemd's "Started") came only after llama-server said the
+    // model is loaded and it listens.
+    let j = tier.journal(&u);
+    let loaded = line_of(&j, &["llama_server: model loaded"]);
+    let started = line_of(&j, &["Started citadel-model@"]);
+    r.check(
+        &format!("{MODEL}: READY only after llama-server had loaded the model"),
+        matches!((loaded, started), (Some(l), Some(s)) if l < s),
+        format!("journal line of 'model loaded' {loaded:?}, of 'Started' {started:?}"),
+    );
+    let all_active = [MODEL, SIM]
+        .iter()
+        .all(|m| tier.show(&unit(m), "ActiveState") == "active")
+        && tier.show("citadel-gateway.service", "ActiveState") == "active";
+    if !r.check(
+        "every unit active (llama-cpp, sim, gateway)",
+        all_active,
+        "",
+    ) {
+        bail!("the stack did not start");
+    }
+
+    // --- serving through the gateway.
+    let chat = format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":16}}"#
+    );
+    let mut lat = Vec::new();
+    let mut chat_ok = true;
+    for _ in 0..3 {
+        let (code, resp, secs) = tier.http(
+            "POST",
+            &format!("{GATEWAY}/v1/chat/completions"),
+            Some(&key),
+            Some(&chat),
+        );
+        let v: serde_json::Value = serde_json::from_str(&resp).unwrap_or_default();
+        chat_ok &= code == 200
+            && v["object"] == "chat.completion"
+            && v["choices"][0]["message"].is_object();
+        lat.push(format!("{:.0} ms", secs * 1000.0));
+        if !chat_ok {
+            lat.push(format!(
+                "http {code}: {}",
+                resp.chars().take(300).collect::<String>()
+            ));
+            break;
+        }
+    }
+    r.check(
+        &format!("{MODEL}: chat through the gateway (3x, 16 tokens)"),
+        chat_ok,
+        lat.join(", "),
+    );
+    let body = format!(r#"{{"model":"{MODEL}","prompt":"once upon","max_tokens":16}}"#);
+    let (code, resp, secs) = tier.http(
+        "POST",
+        &format!("{GATEWAY}/v1/completions"),
+        Some(&key),
+        Some(&body),
+    );
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap_or_default();
+    r.check(
+        &format!("{MODEL}: completion through the gateway"),
+        code == 200 && v["object"] == "text_completion" && v["choices"][0]["text"].is_string(),
+        format!("http {code}, {:.0} ms, usage {}", secs * 1000.0, v["usage"]),
+    );
+    let body = format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":16,"stream":true}}"#
+    );
+    let (code, resp, secs) = tier.http(
+        "POST",
+        &format!("{GATEWAY}/v1/chat/completions"),
+        Some(&key),
+        Some(&body),
+    );
+    let events = resp.lines().filter(|l| l.starts_with("data: {")).count();
+    r.check(
+        &format!("{MODEL}: streamed chat through the gateway"),
+        code == 200 && events >= 2 && resp.contains("data: [DONE]"),
+        format!("http {code}, {events} chunks, {:.0} ms", secs * 1000.0),
+    );
+    let (code, _, _) = tier.http(
+        "POST",
+        &format!("{GATEWAY}/v1/chat/completions"),
+        Some("not-a-key"),
+        Some(&chat),
+    );
+    r.check(
+        "the gateway refuses a wrong API key",
+        code == 401,
+        format!("http {code}"),
+    );
+    let (code, resp, _) = tier.http("GET", &format!("{GATEWAY}/v1/models"), Some(&key), None);
+    let v: serde_json::Value = serde_json::from_str(&resp).unwrap_or_default();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["id"].as_str()).collect())
+        .unwrap_or_default();
+    r.check(
+        "/v1/models lists the llama.cpp model",
+        code == 200 && ids.contains(&MODEL),
+        format!("http {code}, {ids:?}"),
+    );
+
+    // --- observability: gateway metrics, engine metrics, health, status, journal.
+    let (code, metrics, _) = tier.http("GET", &format!("{GATEWAY}/metrics"), None, None);
+    let label = format!("model=\"{MODEL}\"");
+    let up = metrics.lines().any(|l| {
+        l.starts_with("citadel_gateway_backend_up") && l.contains(&label) && l.ends_with(" 1")
+    });
+    let served = metrics.lines().any(|l| {
+        l.starts_with("citadel_gateway_requests")
+            && l.contains(&label)
+            && l.contains("200")
+            && !l.ends_with(" 0")
+    });
+    r.check(
+        &format!("{MODEL}: gateway /metrics (backend_up 1, requests counted)"),
+        code == 200 && up && served,
+        format!("http {code}, backend_up {up}, requests {served}"),
+    );
+    let (code, em, _) = tier.http(
+        "GET",
+        &format!("http://127.0.0.1:{MODEL_PORT}/metrics"),
+        None,
+        None,
+    );
+    let series: std::collections::BTreeSet<&str> = em
+        .lines()
+        .filter(|l| l.starts_with("llamacpp:"))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    r.check(
+        &format!("{MODEL}: llama-server's own /metrics"),
+        code == 200 && series.len() >= 5,
+        format!("http {code}, {} llamacpp:* series", series.len()),
+    );
+    let (code, out) = tier.cli(&["health", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+    let healthy = v["models"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["model"] == MODEL))
+        .is_some_and(|x| x["healthy"] == true);
+    r.check(
+        "citadel-systemd health: healthy, the llama.cpp model ok",
+        code == Some(0) && v["overall"] == "healthy" && healthy,
+        format!("exit {code:?}, overall {}", v["overall"]),
+    );
+    let (_, out) = tier.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+    let serving = v
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["service"] == MODEL))
+        .is_some_and(|x| {
+            x["active_state"] == "active"
+                && x["status_text"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("serving"))
+        });
+    r.check(
+        "citadel-systemd status: the llama.cpp model active, serving",
+        serving,
+        "",
+    );
+    let j = tier.journal(&u);
+    let markers = [
+        "load_model: loading model",
+        "llama_server: model loaded",
+        "llama_server: listening on",
+        "print_timing",
+    ];
+    let found: Vec<&str> = markers.iter().copied().filter(|m| j.contains(m)).collect();
+    if !r.check(
+        &format!("{MODEL}: llama-server's own log lines in the unit's journal"),
+        found.len() == markers.len(),
+        format!("found {found:?} in {} lines", j.lines().count()),
+    ) {
+        println!("--- journal as read\n{j}");
+    }
+    let mem = tier.show(&u, "MemoryCurrent");
+    let (procs, pss, rss) = tier.unit_memory_mib(&u);
+    info(
+        &format!("{MODEL}: memory"),
+        format!(
+            "MemoryCurrent {} MiB, PSS {pss} MiB / RSS {rss} MiB in {procs} processes (supervisor + llama-server)",
+            mem.parse::<u64>().map_or(mem.clone(), |b| (b >> 20).to_string())
+        ),
+    );
+
+    // --- kill -9 of llama-server: restart, ready again, nothing of the old instance left.
+    let before: u64 = tier.show(&u, "NRestarts").parse().unwrap_or(0);
+    let old = tier.cgroup_pids(&u);
+    let srv = tier.pgrep(&format!("llama-server.*--port {MODEL_PORT}"));
+    if r.check(
+        &format!("{MODEL}: one llama-server process"),
+        srv.len() == 1,
+        format!("{srv:?} ({} processes in the unit)", old.len()),
+    ) {
+        let t = Instant::now();
+        tier.exec(&["kill", "-9", &srv[0].to_string()]);
+        let back = tier.poll(START_DEADLINE, || {
+            tier.show(&u, "NRestarts").parse::<u64>().unwrap_or(0) > before
+                && tier.show(&u, "ActiveState") == "active"
+        });
+        let (code, _, _) = tier.engine_completion();
+        r.check(
+            &format!("{MODEL}: kill -9 of llama-server -> restarted -> READY again"),
+            back.is_some() && code == 200,
+            format!(
+                "NRestarts {before} -> {}, active again after {:.1} s, completion http {code}",
+                tier.show(&u, "NRestarts"),
+                t.elapsed().as_secs_f64()
+            ),
+        );
+        let now = tier.cgroup_pids(&u);
+        let alive: Vec<u32> = old
+            .iter()
+            .copied()
+            .filter(|p| !now.contains(p) && tier.exec(&["kill", "-0", &p.to_string()]).0)
+            .collect();
+        let reused: Vec<u32> = old.iter().copied().filter(|p| now.contains(p)).collect();
+        r.check(
+            &format!("{MODEL}: no process of the killed instance remains"),
+            alive.is_empty() && reused.is_empty(),
+            format!("old {old:?}, now {now:?}"),
+        );
+        let gw = tier.poll(Duration::from_secs(60), || {
+            tier.http(
+                "POST",
+                &format!("{GATEWAY}/v1/chat/completions"),
+                Some(&key),
+                Some(&chat),
+            )
+            .0 == 200
+        });
+        r.check(
+            &format!("{MODEL}: serves through the gateway again"),
+            gw.is_some(),
+            format!("after {gw:?}"),
+        );
+    }
+
+    // --- stop: nothing of llama-server left.
+    let t = Instant::now();
+    let (code, _) = tier.cli(&["stop"]);
+    let stop_secs = t.elapsed().as_secs_f64();
+    let left = tier.pgrep("llama-server");
+    r.check(
+        "citadel-systemd stop leaves no llama-server process",
+        code == Some(0) && left.is_empty(),
+        format!("exit {code:?} in {stop_secs:.1} s, left {left:?}"),
+    );
+    Ok(())
+}
