@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: set-up, build, unit/integration tests
 # (including the booted-systemd sandbox tests), the README's main job, then the
-# real-engine tier (vLLM). Ends with one line: "all tiers: N passed, M failed".
+# real-engine tiers (vLLM, llama.cpp). Ends with one line: "all tiers: N passed, M failed".
 # Run as root from the repository's top directory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,12 +35,17 @@ run "demo" bash scripts/demo.sh
 step "real-engine tier: vLLM (CPU build, tiny local model) under Citadel's units in the sandbox"
 run "e2e-vllm" cargo xtask e2e-vllm --bin-dir target/debug
 
+step "real-engine tier: llama.cpp's llama-server (built from source, tiny local GGUF) under Citadel's units"
+run "e2e-llama-cpp" cargo xtask e2e-llama-cpp --bin-dir target/debug
+
 step "done"
 passed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed' "$log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$log" | grep -oE '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 # Tiers that are not cargo test report "NAME: N passed, M failed".
-read -r vp vf < <(grep -oE '^e2e-vllm: [0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1 | grep -oE '[0-9]+' | tr '\n' ' '; echo)
-passed=$((passed + ${vp:-0})); failed=$((failed + ${vf:-0}))
+for tier in e2e-vllm e2e-llama-cpp; do
+  read -r tp tf < <(grep -oE "^$tier: [0-9]+ passed, [0-9]+ failed" "$log" | tail -n 1 | grep -oE '[0-9]+' | tr '\n' ' '; echo)
+  passed=$((passed + ${tp:-0})); failed=$((failed + ${tf:-0}))
+done
 for s in "${failed_steps[@]}"; do echo "FAILED step: $s"; failed=$((failed + 1)); done
 echo "took $(( $(date +%s) - start ))s"
 echo "all tiers: $passed passed, $failed failed"
