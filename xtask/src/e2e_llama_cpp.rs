@@ -1060,5 +1060,14 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
         code == Some(0) && left.is_empty(),
         format!("exit {code:?} in {stop_secs:.1} s, left {left:?}"),
     );
+    // Graceful: the engine got one SIGTERM (KillMode=mixed; the supervisor signals
+    // its group). A second one makes llama-server terminate immediately.
+    let j = tier.journal(&unit(MODEL));
+    let second = j.contains("Received second interrupt");
+    r.check(
+        "tiny-gguf: stopped gracefully, one SIGTERM (no \"second interrupt\")",
+        !second && j.contains("SIGTERM"),
+        format!("second interrupt in the journal: {second}"),
+    );
     Ok(())
 }

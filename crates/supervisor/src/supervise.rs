@@ -344,9 +344,9 @@ fn loading_status(name: &str, t0: Instant, phase: &Phase) -> String {
 /// How long an engine exit waits for a SIGTERM sent in the same instant.
 const STOP_RACE_WINDOW: Duration = Duration::from_millis(200);
 
-/// Under KillMode=control-group systemd sends SIGTERM to the supervisor and the
-/// engine at the same time; the engine may exit before the supervisor has seen
-/// its own signal. An engine exit that coincides with a stop is a stop (exit 0),
+/// When SIGTERM reaches the supervisor and the engine at the same time (an
+/// operator's `KillMode=control-group` drop-in, `kill -TERM -- -PGID`), the
+/// engine may exit before the supervisor has seen its own signal. An engine exit that coincides with a stop is a stop (exit 0),
 /// not a crash (exit 69, which would leave the unit `failed`).
 async fn exited_or_stopping(
     sigterm: &mut tokio::signal::unix::Signal,
