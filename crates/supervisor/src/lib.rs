@@ -37,7 +37,8 @@
 //!
 //! Outside systemd, if the supervisor itself is killed with SIGKILL its engine
 //! is not stopped (PR_SET_PDEATHSIG would need `unsafe` in the child); under
-//! systemd `KillMode=control-group` removes it.
+//! systemd the unit's final SIGKILL of its cgroup (`KillMode=mixed`, after
+//! TimeoutStopSec) removes it.
 
 pub mod notify;
 pub mod probe;
