@@ -43,7 +43,8 @@ passed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed' "$log" | grep -oE '[
 failed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$log" | grep -oE '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 # Tiers that are not cargo test report "NAME: N passed, M failed".
 for tier in e2e-vllm e2e-llama-cpp; do
-  read -r tp tf < <(grep -oE "^$tier: [0-9]+ passed, [0-9]+ failed" "$log" | tail -n 1 | grep -oE '[0-9]+' | tr '\n' ' '; echo)
+  read -r tp tf < <(grep -E "^$tier: [0-9]+ passed, [0-9]+ failed" "$log" | tail -n 1 \
+    | sed -E "s/^$tier: ([0-9]+) passed, ([0-9]+) failed.*/\1 \2/"; echo)
   passed=$((passed + ${tp:-0})); failed=$((failed + ${tf:-0}))
 done
 for s in "${failed_steps[@]}"; do echo "FAILED step: $s"; failed=$((failed + 1)); done
