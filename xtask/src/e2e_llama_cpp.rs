@@ -23,15 +23,15 @@
 //! `e2e-llama-cpp: N passed, M failed`; exits non-zero on any failure.
 //! Notes and measured numbers: `tools/llama-cpp/README.md`.
 
-use std::fmt::Display;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use citadel_sandbox::{Sandbox, SandboxOptions};
+use citadel_sandbox::SandboxOptions;
 
+use crate::tier::{build_binaries, ensure_debian_packages, info, unit, Report, Tier, CITADEL_BINS};
 use crate::vllm;
 
 /// The `llama-cpp-python` sdist whose bundled `vendor/llama.cpp` is built.
@@ -87,7 +87,7 @@ pub fn run(args: Vec<String>) -> Result<()> {
         }
     }
     let t0 = Instant::now();
-    ensure_debian_packages(&["cmake", "g++", "make"])?;
+    ensure_debian_packages("e2e-llama-cpp", &["cmake", "g++", "make"])?;
     let t = Instant::now();
     let vpaths = vllm::ensure(&base)?;
     println!(
@@ -97,7 +97,7 @@ pub fn run(args: Vec<String>) -> Result<()> {
     let llama = ensure_llama_cpp(&vpaths)?;
     let bin_dir = match bin_dir {
         Some(d) => d,
-        None => build_binaries()?,
+        None => build_binaries("e2e-llama-cpp")?,
     };
     let bin_dir = bin_dir
         .canonicalize()
@@ -123,13 +123,6 @@ pub fn run(args: Vec<String>) -> Result<()> {
     }
     Ok(())
 }
-
-const CITADEL_BINS: [&str; 4] = [
-    "citadel-systemd",
-    "citadel-model",
-    "citadel-gateway",
-    "citadel-engine-sim",
-];
 
 /// The cached engine and model.
 pub struct LlamaPaths {
@@ -355,89 +348,6 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
 
 /// apt-get install what building llama-server needs unless present.
 /// `scripts/setup-dev.sh` installs them too.
-fn ensure_debian_packages(pkgs: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = pkgs
-        .iter()
-        .copied()
-        .filter(|p| {
-            !Command::new("dpkg")
-                .args(["-s", p])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("e2e-llama-cpp: apt-get install {}", missing.join(" "));
-    let ok = Command::new("apt-get")
-        .args(["update", "-qq"])
-        .status()
-        .is_ok_and(|s| s.success())
-        && Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success());
-    ensure!(ok, "apt-get install {} failed", missing.join(" "));
-    Ok(())
-}
-
-/// `cargo build` of the four binaries (debug); returns the directory.
-fn build_binaries() -> Result<PathBuf> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace dir")?
-        .to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let t = Instant::now();
-    let status = Command::new(cargo)
-        .current_dir(&workspace)
-        .args(["build", "--quiet", "--bins"])
-        .args(["-p", "citadel-systemd", "-p", "citadel-supervisor"])
-        .args(["-p", "citadel-gateway", "-p", "citadel-engine-sim"])
-        .status()
-        .context("running cargo build")?;
-    ensure!(status.success(), "cargo build failed: {status}");
-    println!(
-        "e2e-llama-cpp: binaries built in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace.join("target"), PathBuf::from);
-    Ok(target.join("debug"))
-}
-
-#[derive(Default)]
-struct Report {
-    passed: u32,
-    failed: u32,
-}
-
-impl Report {
-    fn check(&mut self, what: &str, ok: bool, detail: impl Display) -> bool {
-        if ok {
-            self.passed += 1;
-            println!("PASS {what}: {detail}");
-        } else {
-            self.failed += 1;
-            println!("FAIL {what}: {detail}");
-        }
-        ok
-    }
-}
-
-fn info(what: &str, detail: impl Display) {
-    println!("INFO {what}: {detail}");
-}
-
-fn unit(model: &str) -> String {
-    format!("citadel-model@{model}.service")
-}
-
 /// The stack: one llama.cpp model, one simulator, the gateway (auth on).
 pub fn config(llama: &LlamaPaths) -> String {
     format!(
@@ -481,212 +391,12 @@ args = ["--load-time", "1s", "--tokens-per-second", "200"]
     )
 }
 
-struct Tier {
-    sb: Sandbox,
-    cli: String,
-    bin_dir: String,
-}
-
-impl Tier {
-    fn exec(&self, argv: &[&str]) -> (bool, String) {
-        match self.sb.exec(argv) {
-            Ok(out) => (
-                out.status.success(),
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-            ),
-            Err(e) => (false, format!("nsenter: {e}")),
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> (Option<i32>, String) {
-        let mut argv = vec![self.cli.as_str()];
-        argv.extend_from_slice(args);
-        let t = Instant::now();
-        match self.sb.exec(&argv) {
-            Ok(out) => {
-                let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-                println!(
-                    "$ citadel-systemd {}  [{} in {:.1} s]\n{}{}",
-                    args.join(" "),
-                    out.status,
-                    t.elapsed().as_secs_f64(),
-                    stdout,
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                (out.status.code(), stdout)
-            }
-            Err(e) => (None, format!("nsenter: {e}")),
-        }
-    }
-
-    fn show(&self, unit: &str, prop: &str) -> String {
-        self.exec(&["systemctl", "show", "--value", "-p", prop, unit])
-            .1
-            .trim()
-            .to_owned()
-    }
-
-    /// curl inside: (status, body, seconds).
-    fn http(
-        &self,
-        method: &str,
-        url: &str,
-        key: Option<&str>,
-        body: Option<&str>,
-    ) -> (u16, String, f64) {
-        let mut argv = vec![
-            "curl",
-            "-s",
-            "-N",
-            "-m",
-            "60",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code} %{time_total}",
-            "-X",
-            method,
-        ];
-        let auth;
-        if let Some(k) = key {
-            auth = format!("Authorization: Bearer {k}");
-            argv.extend(["-H", auth.as_str()]);
-        }
-        if let Some(b) = body {
-            argv.extend(["-H", "Content-Type: application/json", "--data-binary", b]);
-        }
-        argv.push(url);
-        let out = self.exec(&argv).1;
-        let (body, tail) = out.rsplit_once('\n').unwrap_or(("", "0 0"));
-        let mut tail = tail.split_whitespace();
-        let code = tail.next().and_then(|c| c.parse().ok()).unwrap_or(0);
-        let secs = tail.next().and_then(|c| c.parse().ok()).unwrap_or(0.0);
-        (code, body.to_owned(), secs)
-    }
-
-    fn api_key(&self) -> String {
-        fs::read_to_string(self.sb.root().join("etc/citadel/credentials/api-keys"))
-            .unwrap_or_default()
-            .lines()
-            .find(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .unwrap_or("")
-            .trim()
-            .to_owned()
-    }
-
-    /// A completion straight against the engine (no gateway).
-    fn engine_completion(&self) -> (u16, String, f64) {
-        let body = format!(r#"{{"model":"{MODEL}","prompt":"hello","max_tokens":4}}"#);
-        self.http(
-            "POST",
-            &format!("http://127.0.0.1:{MODEL_PORT}/v1/completions"),
-            None,
-            Some(&body),
-        )
-    }
-
-    fn pgrep(&self, pattern: &str) -> Vec<u32> {
-        self.exec(&["pgrep", "-f", pattern])
-            .1
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    }
-
-    /// PIDs in a unit's cgroup (systemd's own hierarchy on a cgroup v1 host,
-    /// the unified one on v2).
-    fn cgroup_pids(&self, unit: &str) -> Vec<u32> {
-        let cg = self.show(unit, "ControlGroup");
-        if cg.is_empty() {
-            return Vec::new();
-        }
-        let script = r#"for h in /sys/fs/cgroup/systemd /sys/fs/cgroup/unified /sys/fs/cgroup; do
-  if [ -r "$h$1/cgroup.procs" ]; then find "$h$1" -name cgroup.procs -exec cat {} +; exit 0; fi
-done"#;
-        self.exec(&["sh", "-c", script, "sh", &cg])
-            .1
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    }
-
-    /// (processes, PSS MiB, RSS MiB) of a unit's cgroup.
-    fn unit_memory_mib(&self, unit: &str) -> (usize, u64, u64) {
-        let pids = self.cgroup_pids(unit);
-        let mut argv: Vec<String> = vec![
-            "sh".into(),
-            "-c".into(),
-            "for p in \"$@\"; do grep -e '^Pss:' -e '^Rss:' /proc/$p/smaps_rollup 2>/dev/null; done"
-                .into(),
-            "sh".into(),
-        ];
-        argv.extend(pids.iter().map(u32::to_string));
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let out = self.exec(&argv).1;
-        let sum = |key: &str| -> u64 {
-            out.lines()
-                .filter(|l| l.starts_with(key))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>()
-                / 1024
-        };
-        (pids.len(), sum("Pss:"), sum("Rss:"))
-    }
-
-    fn journal(&self, unit: &str) -> String {
-        self.exec(&["journalctl", "--no-pager", "-o", "cat", "-u", unit])
-            .1
-    }
-
-    fn journal_tail(&self, unit: &str, n: usize) -> String {
-        let j = self.journal(unit);
-        let lines: Vec<&str> = j.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    /// Polls `f` every 100 ms until it is true or `timeout` passes; the time it took.
-    fn poll(&self, timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-        let t = Instant::now();
-        loop {
-            if f() {
-                return Some(t.elapsed());
-            }
-            if t.elapsed() > timeout {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
 fn scenario(r: &mut Report, llama: &LlamaPaths, bin_dir: &Path) -> Result<()> {
-    let t = Instant::now();
-    let sb = Sandbox::boot(SandboxOptions::new("e2e-llama-cpp"))
-        .context("booting the systemd sandbox")?;
-    println!(
-        "e2e-llama-cpp: sandbox {} booted in {:.1} s",
-        sb.name(),
-        t.elapsed().as_secs_f64()
-    );
-    // The host's files are visible inside (the cached llama-server and GGUF
-    // under /var/cache included), except below /tmp (nspawn mounts a fresh
-    // tmpfs there) where a clone may live: copy Citadel's binaries in.
-    let inside = "/usr/local/lib/citadel-test/bin";
-    let dest = sb.root().join(&inside[1..]);
-    fs::create_dir_all(&dest)?;
-    for b in CITADEL_BINS {
-        fs::copy(bin_dir.join(b), dest.join(b))
-            .with_context(|| format!("copying {b} into the sandbox"))?;
-    }
-    let tier = Tier {
-        cli: format!("{inside}/citadel-systemd"),
-        bin_dir: inside.to_owned(),
-        sb,
-    };
+    let tier = Tier::boot(
+        "e2e-llama-cpp",
+        SandboxOptions::new("e2e-llama-cpp"),
+        bin_dir,
+    )?;
     for p in [&llama.server, &llama.gguf] {
         ensure!(
             tier.sb.root().join(p.strip_prefix("/")?).is_file(),
@@ -773,7 +483,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
                 }
                 "active" => {
                     ready_after = Some(t_start.elapsed());
-                    let (code, _, secs) = tier.engine_completion();
+                    let (code, _, secs) = tier.engine_completion(MODEL, MODEL_PORT);
                     completion_at_ready = Some((code, secs));
                 }
                 _ => {}
@@ -1012,7 +722,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
             tier.show(&u, "NRestarts").parse::<u64>().unwrap_or(0) > before
                 && tier.show(&u, "ActiveState") == "active"
         });
-        let (code, _, _) = tier.engine_completion();
+        let (code, _, _) = tier.engine_completion(MODEL, MODEL_PORT);
         r.check(
             &format!("{MODEL}: kill -9 of llama-server -> restarted -> READY again"),
             back.is_some() && code == 200,

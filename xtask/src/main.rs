@@ -10,6 +10,7 @@ mod bench_sim;
 mod e2e_llama_cpp;
 mod e2e_vllm;
 mod sandbox;
+mod tier;
 mod vllm;
 
 type Task = fn(Vec<String>) -> anyhow::Result<()>;
