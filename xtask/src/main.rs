@@ -10,6 +10,8 @@ mod bench_sim;
 mod e2e_llama_cpp;
 mod e2e_vllm;
 mod sandbox;
+#[cfg(test)]
+mod tidy;
 mod tier;
 mod vllm;
 
