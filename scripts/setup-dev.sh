@@ -22,4 +22,26 @@ if ! command -v cargo >/dev/null 2>&1; then
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
   fi
 fi
+
+# The test command runs `cargo fmt --check` and `cargo clippy`; rustup's minimal
+# profile has neither. A distribution's cargo without rustup cannot build this
+# workspace anyway (rust-version in Cargo.toml is newer than Debian 12's 1.63).
+rustup=$(command -v rustup || true)
+if [ -z "$rustup" ] && [ -x "$HOME/.cargo/bin/rustup" ]; then
+  rustup=$HOME/.cargo/bin/rustup   # installed just now, or not on PATH yet
+fi
+if [ -n "$rustup" ]; then
+  need_components=()
+  installed=$("$rustup" component list --installed 2>/dev/null || true)
+  for c in rustfmt clippy; do
+    grep -q "^$c-" <<<"$installed" || need_components+=("$c")
+  done
+  if [ "${#need_components[@]}" -gt 0 ]; then
+    echo "setup: adding Rust components ${need_components[*]}"
+    "$rustup" component add "${need_components[@]}"
+  fi
+elif ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  echo "setup: cargo fmt and cargo clippy are needed; install Rust with rustup (https://rustup.rs)" >&2
+  exit 1
+fi
 echo "setup: ok"

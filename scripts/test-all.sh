@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: set-up, build, unit/integration tests
-# (including the booted-systemd sandbox tests), the README's main job, then the
-# real-engine tiers (vLLM, llama.cpp). Ends with one line: "all tiers: N passed, M failed".
+# The whole test suite, as CI runs it: set-up, formatting and lints (cargo fmt,
+# clippy with warnings as errors), build, unit/integration tests (including the
+# tidy rules in xtask/src/tidy.rs, the property tests and the booted-systemd
+# sandbox tests), the README's main job, then the real-engine tiers (vLLM,
+# llama.cpp). Ends with one line: "all tiers: N passed, M failed"; a failed
+# step (fmt, clippy, ...) counts as one failure.
 # Run as root from the repository's top directory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +26,16 @@ bash scripts/setup-dev.sh || exit 2
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 sh scripts/setup-test-python.sh || exit 2   # the official `openai` client, for the gateway's client test
 
+step "formatting (cargo fmt --check)"
+run "fmt" cargo fmt --all --check
+
 step "build"
 cargo build --workspace --all-targets || exit 2
 
-step "tests (unit, integration, snapshots, sandboxed systemd end-to-end)"
+step "lints (clippy, warnings are errors)"
+run "clippy" cargo clippy --workspace --all-targets -- -D warnings
+
+step "tests (unit, integration, snapshots, property, tidy, sandboxed systemd end-to-end)"
 run "cargo test" cargo test --workspace --no-fail-fast
 
 step "the README's main job (demo stack up, health, one chat completion)"
