@@ -287,12 +287,17 @@ struct InvariantRow {
     enforced_by: String,
 }
 
-/// The rows of the first table under `## Invariants`, or `None` without one.
+/// The rows of the tables under `## Invariants` (up to the next `## `
+/// heading; `###` sub-sections may each have their own table), or `None`
+/// without any. Each table's header names the columns: the invariant is the
+/// first, what enforces it the one whose header says "enforced" (else the
+/// second).
 fn invariants_table(markdown: &str) -> Option<Vec<InvariantRow>> {
     let mut in_section = false;
     let mut saw_table = false;
     let mut rows = Vec::new();
-    let mut header_seen = false;
+    // The column of "enforced by" in the current table; `None` between tables.
+    let mut enforced_col: Option<usize> = None;
     for (i, line) in markdown.lines().enumerate() {
         let t = line.trim();
         if let Some(heading) = t.strip_prefix("## ") {
@@ -306,29 +311,30 @@ fn invariants_table(markdown: &str) -> Option<Vec<InvariantRow>> {
             continue;
         }
         if !t.starts_with('|') {
-            if saw_table {
-                break; // the table ended
-            }
+            enforced_col = None; // a table ends here
             continue;
         }
         saw_table = true;
         let cells = split_row(t);
-        if !header_seen {
-            header_seen = true; // `| invariant | enforced by |`
+        let Some(col) = enforced_col else {
+            // The header: `| invariant | enforced by |`.
+            let col = cells
+                .iter()
+                .position(|c| c.to_ascii_lowercase().contains("enforced"))
+                .unwrap_or(1);
+            enforced_col = Some(col);
             continue;
-        }
+        };
         if cells
             .iter()
             .all(|c| c.chars().all(|ch| matches!(ch, '-' | ':' | ' ')))
         {
             continue; // the separator row
         }
-        let invariant = cells.first().cloned().unwrap_or_default();
-        let enforced_by = cells.get(1..).map(|c| c.join(" | ")).unwrap_or_default();
         rows.push(InvariantRow {
             line: i + 1,
-            invariant,
-            enforced_by,
+            invariant: cells.first().cloned().unwrap_or_default(),
+            enforced_by: cells.get(col).cloned().unwrap_or_default(),
         });
     }
     saw_table.then_some(rows)
@@ -1005,6 +1011,19 @@ fn tidy_invariants_table_is_parsed() {
     assert_eq!(rows[1].invariant, "a | b");
     assert!(backticked(&rows[2].enforced_by).is_empty());
     assert!(invariants_table("# A\n## Code map\n| a | b |\n").is_none());
+    let md = "## Invariants\n### config\n| enforced by | invariant | notes |\n|--|--|--|\n\
+              | `tidy::x` | pure | `not a ref` |\n\n### render\n| invariant | enforced by |\n\
+              |--|--|\n| total | `tidy::y` |\n";
+    let rows = invariants_table(md).unwrap_or_default();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].line, rows[0].enforced_by.as_str()),
+        (5, "`tidy::x`")
+    );
+    assert_eq!(
+        (rows[1].line, rows[1].enforced_by.as_str()),
+        (10, "`tidy::y`")
+    );
 
     let tests = TestIndex::build();
     let script = "run \"clippy\" cargo clippy\n";
