@@ -53,6 +53,21 @@ pub fn rooted(root: &Path, path: &Path) -> PathBuf {
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let ctx = Ctx::new(&cli);
+    let changes_the_system = match &cli.command {
+        Command::Install { dry_run, .. } => !dry_run,
+        Command::Uninstall { .. }
+        | Command::Start { .. }
+        | Command::Stop { .. }
+        | Command::Restart { .. }
+        | Command::Reload { .. }
+        | Command::Enable { .. }
+        | Command::Disable { .. } => true,
+        _ => false,
+    };
+    if changes_the_system {
+        // Nobody reading the progress is no reason to leave a change half done.
+        crate::out::finish_work_when_closed();
+    }
     match cli.command {
         Command::Init { example } => init(&ctx, &example),
         Command::Render { out } => render(&ctx, out),
@@ -128,7 +143,7 @@ fn with_settings(ctx: &Ctx, f: impl FnOnce(&Settings) -> Result<ExitCode>) -> Re
     match ctx.load()? {
         Ok(loaded) => f(&loaded.settings),
         Err(report) => {
-            eprint!("{report}");
+            err!("{report}");
             Ok(ExitCode::from(EXIT_INVALID))
         }
     }
@@ -162,8 +177,8 @@ fn init(ctx: &Ctx, example: &str) -> Result<ExitCode> {
         _ => citadel_config::EXAMPLE_CONFIG,
     };
     fsutil::write_atomic(&ctx.config, text.as_bytes(), 0o640)?;
-    println!("wrote {} (the {example} example)", ctx.config.display());
-    println!("next: edit it, then `citadel-systemd validate` and `citadel-systemd install`");
+    outln!("wrote {} (the {example} example)", ctx.config.display())?;
+    outln!("next: edit it, then `citadel-systemd validate` and `citadel-systemd install`")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -171,12 +186,12 @@ fn render(ctx: &Ctx, out: Option<PathBuf>) -> Result<ExitCode> {
     let loaded = match ctx.load()? {
         Ok(l) => l,
         Err(report) => {
-            eprint!("{report}");
+            err!("{report}");
             return Ok(ExitCode::from(EXIT_INVALID));
         }
     };
     if !loaded.report.is_empty() {
-        eprint!("{}", loaded.report);
+        err!("{}", loaded.report);
     }
     let out = out.unwrap_or_else(|| rooted(&ctx.root, &loaded.settings.paths.systemd_dir()));
     let rendered = citadel_render::render(&loaded.settings);
@@ -193,20 +208,20 @@ fn render(ctx: &Ctx, out: Option<PathBuf>) -> Result<ExitCode> {
         .collect();
     fsutil::apply(&files, &changes)?;
     for p in &changes.added {
-        println!("added    {}", p.display());
+        outln!("added    {}", p.display())?;
     }
     for p in &changes.changed {
-        println!("changed  {}", p.display());
+        outln!("changed  {}", p.display())?;
     }
     for p in &changes.removed {
-        println!("removed  {}", p.display());
+        outln!("removed  {}", p.display())?;
     }
-    println!(
+    outln!(
         "rendered {} files into {} ({} unchanged)",
         files.len(),
         out.display(),
         changes.unchanged
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -214,9 +229,9 @@ fn validate(ctx: &Ctx, bin_dir: Option<PathBuf>) -> Result<ExitCode> {
     let loaded = match ctx.load()? {
         Ok(l) => l,
         Err(report) => {
-            eprint!("{report}");
-            println!("config   {}: invalid", ctx.config.display());
-            println!("validate: FAILED");
+            err!("{report}");
+            outln!("config   {}: invalid", ctx.config.display())?;
+            outln!("validate: FAILED")?;
             return Ok(ExitCode::from(EXIT_INVALID));
         }
     };
@@ -234,27 +249,27 @@ fn validate(ctx: &Ctx, bin_dir: Option<PathBuf>) -> Result<ExitCode> {
             .collect(),
     );
     if !warnings.is_empty() {
-        eprintln!("{warnings}");
+        errln!("{warnings}");
     }
-    println!(
+    outln!(
         "config   {}: ok ({} models, gateway on {}:{})",
         ctx.config.display(),
         s.models.len(),
         s.gateway.listen,
         s.gateway.port
-    );
+    )?;
     let rendered = citadel_render::render(s);
     let bin_dir = bin_dir.map_or_else(own_dir, Ok)?;
     let analysis = analyze::analyze(s, &rendered, &bin_dir)?;
     if analysis.verify_ok {
-        println!(
+        outln!(
             "verify   systemd-analyze verify: ok ({} units)",
             rendered.verify.len() + 1
-        );
+        )?;
     } else {
-        println!("verify   systemd-analyze verify: FAILED");
+        outln!("verify   systemd-analyze verify: FAILED")?;
         for line in analysis.verify_output.lines() {
-            println!("         {line}");
+            outln!("         {line}")?;
         }
     }
     for (i, e) in analysis.exposures.iter().enumerate() {
@@ -264,16 +279,18 @@ fn validate(ctx: &Ctx, bin_dir: Option<PathBuf>) -> Result<ExitCode> {
         } else {
             "TOO EXPOSED"
         };
-        println!(
+        outln!(
             "{label:<8} {:<40} exposure {:.1} (target <= {:.1}) {verdict}",
-            e.unit, e.score, e.target
-        );
+            e.unit,
+            e.score,
+            e.target
+        )?;
     }
     if analysis.ok() {
-        println!("validate: ok");
+        outln!("validate: ok")?;
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("validate: FAILED");
+        outln!("validate: FAILED")?;
         Ok(ExitCode::from(EXIT_INVALID))
     }
 }
@@ -287,7 +304,7 @@ fn report_failure(unit: &str) -> Result<ExitCode> {
     match sock.send_to(message.as_bytes(), "/run/systemd/journal/socket") {
         Ok(_) => Ok(ExitCode::SUCCESS),
         Err(e) => {
-            eprintln!("CRITICAL: Citadel unit {unit} failed (journal unavailable: {e})");
+            errln!("CRITICAL: Citadel unit {unit} failed (journal unavailable: {e})");
             Ok(ExitCode::from(2))
         }
     }

@@ -44,14 +44,14 @@ pub async fn jobs(settings: &Settings, verb: &str, names: &[String]) -> Result<E
         }
     }
     let started = Instant::now();
-    println!(
+    outln!(
         "{verb}: {}",
         units
             .iter()
             .map(|u| short_name(u))
             .collect::<Vec<_>>()
             .join(" ")
-    );
+    )?;
     // systemd 252's reload job ends when `kill -HUP` exits, before the gateway
     // has reloaded: count the gateway's completed reloads to wait for this one.
     let reloads_before = (verb == "reload" && units.iter().any(|u| u == unit_names::GATEWAY))
@@ -59,7 +59,7 @@ pub async fn jobs(settings: &Settings, verb: &str, names: &[String]) -> Result<E
         .flatten();
     let outcomes = systemd
         .run_jobs(verb, &units, Duration::from_millis(250), |unit, status| {
-            println!("  {:<10} {status}", short_name(unit));
+            let _ = outln!("  {:<10} {status}", short_name(unit));
         })
         .await?;
     let mut failed = Vec::new();
@@ -78,11 +78,11 @@ pub async fn jobs(settings: &Settings, verb: &str, names: &[String]) -> Result<E
         match done {
             Some(false) => {}
             Some(true) => {
-                eprintln!("gateway: the new configuration was rejected; it keeps serving the previous one (see `citadel-systemd logs gateway`)");
+                errln!("gateway: the new configuration was rejected; it keeps serving the previous one (see `citadel-systemd logs gateway`)");
                 failed.push(unit_names::GATEWAY.to_owned());
             }
             None => {
-                eprintln!("gateway: did not report the reload within 15 s");
+                errln!("gateway: did not report the reload within 15 s");
                 failed.push(unit_names::GATEWAY.to_owned());
             }
         }
@@ -125,13 +125,13 @@ pub async fn jobs(settings: &Settings, verb: &str, names: &[String]) -> Result<E
         ));
     }
     for l in &lines {
-        println!("{l}");
+        outln!("{l}")?;
     }
-    println!(
+    outln!(
         "{verb}: {} in {:.1} s",
         if failed.is_empty() { "done" } else { "FAILED" },
         started.elapsed().as_secs_f64()
-    );
+    )?;
     if failed.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
@@ -141,16 +141,18 @@ pub async fn jobs(settings: &Settings, verb: &str, names: &[String]) -> Result<E
             .iter()
             .find(|o| &o.unit == u)
             .map_or("-", |o| o.result.as_str());
-        eprintln!(
+        errln!(
             "\n{u}: job {job}, unit {} ({}), result {}",
-            st.active_state, st.sub_state, st.result
+            st.active_state,
+            st.sub_state,
+            st.result
         );
-        eprintln!("last journal lines:");
+        errln!("last journal lines:");
         let out = Command::new("journalctl")
             .args(["--no-pager", "-o", "short-iso", "-n", "15", "-u", u])
             .output();
         if let Ok(out) = out {
-            eprint!("{}", String::from_utf8_lossy(&out.stdout));
+            err!("{}", String::from_utf8_lossy(&out.stdout));
         }
     }
     Ok(ExitCode::from(EXIT_FAILED))
@@ -169,13 +171,13 @@ pub async fn enable(settings: &Settings, names: &[String], on: bool) -> Result<E
     };
     for (kind, from, to) in &changes {
         if to.is_empty() {
-            println!("  {kind} {from}");
+            outln!("  {kind} {from}")?;
         } else {
-            println!("  {kind} {from} -> {to}");
+            outln!("  {kind} {from} -> {to}")?;
         }
     }
     systemd.daemon_reload().await?;
-    println!(
+    outln!(
         "{}: {}",
         if on { "enabled" } else { "disabled" },
         units
@@ -183,6 +185,6 @@ pub async fn enable(settings: &Settings, names: &[String], on: bool) -> Result<E
             .map(|u| short_name(u))
             .collect::<Vec<_>>()
             .join(" ")
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,9 @@
 //!
 //! `health` has its own: 0 healthy, 1 degraded, 2 down.
 
+#[macro_use]
+mod out;
+
 mod analyze;
 mod commands;
 mod control;
@@ -127,8 +130,10 @@ fn main() -> ExitCode {
     let _logging = citadel_log::init("citadel-systemd");
     match commands::run(cli) {
         Ok(code) => code,
+        // A closed stdout is a normal end (`citadel-systemd render | head -1`).
+        Err(err) if out::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            errln!("error: {err:#}");
             ExitCode::from(2)
         }
     }

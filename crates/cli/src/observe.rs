@@ -46,13 +46,19 @@ pub async fn status(settings: &Settings, names: &[String], json: bool) -> Result
     let started = Instant::now();
     let services = collect(settings, names).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&services)?);
+        outln!("{}", serde_json::to_string_pretty(&services)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<10} {:<28} {:<12} {:>7} {:>19} {:>8} {:>6}  STATUS",
-        "SERVICE", "STATE", "SINCE", "PID", "MEMORY / MAX", "RESTARTS", "PORT"
-    );
+        "SERVICE",
+        "STATE",
+        "SINCE",
+        "PID",
+        "MEMORY / MAX",
+        "RESTARTS",
+        "PORT"
+    )?;
     for s in &services {
         let st = &s.state;
         let memory = match (st.memory_current, st.memory_max) {
@@ -65,7 +71,7 @@ pub async fn status(settings: &Settings, names: &[String], json: bool) -> Result
         } else {
             st.main_pid.to_string()
         };
-        println!(
+        outln!(
             "{:<10} {:<28} {:<12} {:>7} {:>19} {:>8} {:>6}  {}",
             s.service,
             format!("{} ({})", st.active_state, st.sub_state),
@@ -75,10 +81,10 @@ pub async fn status(settings: &Settings, names: &[String], json: bool) -> Result
             st.n_restarts,
             s.port,
             st.status_text
-        );
+        )?;
     }
     if std::env::var_os("CITADEL_TIMING").is_some() {
-        eprintln!(
+        errln!(
             "status took {:.1} ms",
             started.elapsed().as_secs_f64() * 1000.0
         );
@@ -216,9 +222,9 @@ pub async fn health(settings: &Settings, json: bool, watch: bool) -> Result<Exit
             t
         };
         if !watch {
-            print!("{text}");
+            out!("{text}")?;
             if json {
-                println!();
+                outln!()?;
             }
             return Ok(ExitCode::from(match h.overall.as_str() {
                 "healthy" => 0,
@@ -227,11 +233,10 @@ pub async fn health(settings: &Settings, json: bool, watch: bool) -> Result<Exit
             }));
         }
         if text != last {
-            print!("{text}");
+            out!("{text}")?;
             if json {
-                println!();
+                outln!()?;
             }
-            std::io::stdout().flush().ok();
             last = text;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;

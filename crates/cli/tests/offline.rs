@@ -196,3 +196,30 @@ fn systemd_commands_refuse_clearly_without_systemd_as_pid1() {
         "points to the sandbox: {err}"
     );
 }
+
+/// Issue 9, item 7: `citadel-systemd render | true` exited 101 (the panic of
+/// `println!` on a closed stdout). A closed stdout is a normal end: exit 0.
+#[test]
+fn issue9_broken_pipe_render_into_a_closed_stdout_exits_0() {
+    let cli = Cli::new();
+    for args in [&["init"][..], &["render"][..], &["render"][..]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader); // the reader is gone before the first write: EPIPE, not a race
+        let out = cli
+            .command(args)
+            .stdout(writer)
+            .output()
+            .expect("run citadel-systemd");
+        let run = harness::Run(out);
+        run.expect_code(0);
+        assert!(
+            !run.stderr().contains("panicked"),
+            "{args:?}: {}",
+            run.stderr()
+        );
+    }
+    // The files were written all the same: the listing is what got lost.
+    assert!(cli
+        .path("/opt/citadel/config/systemd/citadel-gateway.service")
+        .is_file());
+}

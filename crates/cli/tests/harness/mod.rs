@@ -39,22 +39,35 @@ impl Cli {
         std::fs::write(p, text).unwrap();
     }
 
-    /// Runs `citadel-systemd --root ROOT ARGS...` with only PATH in the environment.
-    pub fn run(&self, args: &[&str]) -> Run {
-        let out = Command::new(bin())
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
+    /// `citadel-systemd --root ROOT ARGS...` with only PATH in the environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.env_clear()
+            .env("PATH", SYSTEM_PATH)
             .arg("--root")
             .arg(self.root())
-            .args(args)
+            .args(args);
+        cmd
+    }
+
+    /// Runs `citadel-systemd --root ROOT ARGS...` with only PATH in the environment.
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run(self.command(args).output().expect("run citadel-systemd"))
+    }
+
+    /// Like [`Cli::run`], with `dir` first on PATH (fakes of host tools).
+    pub fn run_with_path(&self, dir: &Path, args: &[&str]) -> Run {
+        let out = self
+            .command(args)
+            .env("PATH", format!("{}:{SYSTEM_PATH}", dir.display()))
             .output()
             .expect("run citadel-systemd");
         Run(out)
     }
 }
+
+/// The PATH of the scrubbed environment.
+pub const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_citadel-systemd")
