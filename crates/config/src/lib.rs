@@ -1,7 +1,8 @@
 //! Citadel's stack description.
 //!
 //! `citadel.toml` is loaded in three stages:
-//! 1. [`raw`]: the TOML as written (`deny_unknown_fields`, every value with its span);
+//! 1. [`raw`]: the TOML as written, read against the schema by hand (every
+//!    unknown key and wrong type is a diagnostic, not the end), every value with its span;
 //! 2. merged: each `[models.NAME]` over `[model_defaults]`;
 //! 3. [`Settings`]: validated, typed values (newtypes such as [`ModelName`] and [`Port`]).
 //!
@@ -9,6 +10,7 @@
 //! a hint, instead of stopping at the first. Nothing here reads global state:
 //! host facts for warnings are passed in ([`HostFacts`]).
 
+mod checks;
 mod diag;
 mod engine;
 mod host;
@@ -67,36 +69,29 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 }
 
 /// Validates config text; `source` names the file in messages and rendered headers.
+///
+/// Never panics, whatever the text. Every diagnostic has a place in the file
+/// (a span) except the whole-file ones: "no models are configured" (the problem
+/// is something missing, and there is nowhere to point).
 pub fn parse(text: &str, source: &Path) -> Result<Loaded, ConfigError> {
-    let raw: raw::RawConfig = match toml::from_str(text) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let d = syntax_diagnostic(&e);
-            return Err(ConfigError::Invalid(Report::new(source, text, vec![d])));
-        }
+    let (raw, read_diags) = match raw::read(text) {
+        Ok(read) => read,
+        Err(d) => return Err(ConfigError::Invalid(Report::new(source, text, vec![d]))),
     };
-    let mut v = validate::Validator { diags: Vec::new() };
+    let broken = read_diags
+        .iter()
+        .filter(|d| d.message.starts_with("invalid type"))
+        .map(|d| d.key.clone())
+        .collect();
+    let mut v = validate::Validator::new(broken);
     let settings = v.settings(&raw, source);
-    let report = Report::new(source, text, v.diags);
+    let mut diags = read_diags;
+    diags.append(&mut v.diags);
+    let report = Report::new(source, text, diags);
     if report.has_errors() {
         return Err(ConfigError::Invalid(report));
     }
     Ok(Loaded { settings, report })
-}
-
-/// Turns a TOML or schema error into a diagnostic with a useful hint.
-fn syntax_diagnostic(e: &toml::de::Error) -> Diagnostic {
-    let message = e.message().trim().to_owned();
-    let help = if message.starts_with("unknown field") {
-        "remove or rename the key; the accepted keys are listed above (see also `citadel-systemd init` for a commented example)"
-    } else if message.starts_with("invalid type") {
-        "check the value's type: strings need quotes (\"90G\", \"15min\"), numbers and booleans do not"
-    } else if message.contains("duplicate key") {
-        "each key and each [models.NAME] table may appear only once"
-    } else {
-        "fix the TOML syntax at this place"
-    };
-    Diagnostic::error("", message).at(e.span()).help(help)
 }
 
 #[cfg(test)]

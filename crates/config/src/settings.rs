@@ -16,25 +16,63 @@ use crate::units::{ByteSize, Cpus, SizeLimit, Timespan};
 pub struct ModelName(String);
 
 impl ModelName {
-    /// Names the CLI uses for the gateway; a model may not take them.
-    pub const RESERVED: &'static [&'static str] = &["gateway", "api-gateway", "all", "citadel"];
+    /// Names a model may not take (compared without regard to case), and why.
+    pub const RESERVED: &'static [&'static str] =
+        &["gateway", "api-gateway", "all", "citadel", "failure"];
+
+    /// Why each [`ModelName::RESERVED`] name is reserved.
+    pub const RESERVED_BECAUSE: &'static [(&'static str, &'static str)] = &[
+        ("gateway", "the CLI's SERVICE name for citadel-gateway.service, and its journal field CITADEL_SERVICE=gateway"),
+        ("api-gateway", "the CLI's other SERVICE name for the gateway"),
+        ("all", "reserved for the CLI's \"every service\""),
+        ("citadel", "the stack's own name (citadel.target, the citadel user and group)"),
+        ("failure", "the failure-report unit citadel-failure@.service and its journal field CITADEL_SERVICE=failure"),
+    ];
+
+    /// Unit type suffixes: a model named `x.service` or `citadel.target` would
+    /// make the CLI's SERVICE argument ambiguous (it also accepts unit names).
+    pub const UNIT_SUFFIXES: &'static [&'static str] = &[
+        ".service",
+        ".target",
+        ".socket",
+        ".timer",
+        ".slice",
+        ".scope",
+        ".mount",
+        ".path",
+        ".device",
+        ".swap",
+        ".automount",
+    ];
 
     /// Checks the name: 1-64 characters from `a-z A-Z 0-9 _ . -`, starting with
-    /// a letter or digit (a valid systemd instance name that needs no escaping).
+    /// a letter or digit (a valid systemd instance name that needs no escaping),
+    /// not reserved ([`ModelName::RESERVED`], any case), not a unit name
+    /// ([`ModelName::UNIT_SUFFIXES`]) and not `citadel-...` (Citadel's own units).
     pub fn new(name: &str) -> Result<ModelName, String> {
         let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+        let shown = name.escape_debug();
         if name.is_empty() || name.len() > 64 {
             return Err(format!(
-                "model name `{name}` must be 1 to 64 characters long"
+                "model name `{shown}` must be 1 to 64 characters long"
             ));
         }
         if !name.chars().all(ok_char) || !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
             return Err(format!(
-                "model name `{name}` is not a valid systemd instance name; use letters, digits, `-`, `_` and `.`, starting with a letter or digit"
+                "model name `{shown}` is not a valid systemd instance name; use letters, digits, `-`, `_` and `.`, starting with a letter or digit"
             ));
         }
-        if Self::RESERVED.contains(&name) {
-            return Err(format!("model name `{name}` is reserved for the gateway or the whole stack; choose another name"));
+        let lower = name.to_ascii_lowercase();
+        if let Some((_, why)) = Self::RESERVED_BECAUSE.iter().find(|(r, _)| *r == lower) {
+            return Err(format!(
+                "model name `{name}` is reserved ({why}); choose another name"
+            ));
+        }
+        if let Some(suffix) = Self::UNIT_SUFFIXES.iter().find(|s| lower.ends_with(*s)) {
+            return Err(format!("model name `{name}` ends in `{suffix}` and looks like a unit name, which would make SERVICE arguments of the CLI ambiguous; choose another name"));
+        }
+        if lower.starts_with("citadel-") {
+            return Err(format!("model name `{name}` starts with `citadel-`, the prefix of Citadel's own units (citadel-gateway, citadel-failure@...), which would make SERVICE arguments of the CLI ambiguous; choose another name"));
         }
         Ok(ModelName(name.to_owned()))
     }
@@ -59,7 +97,7 @@ impl Port {
         match u16::try_from(port) {
             Ok(p) if p > 0 => Ok(Port(p)),
             _ => Err(format!(
-                "port {port} is out of range; use a number from 1024 to 65535"
+                "port {port} is out of range; use a number from 1 to 65535 (1024 and up for the engines, which bind without capabilities)"
             )),
         }
     }
@@ -95,6 +133,26 @@ impl Settings {
     pub fn model(&self, name: &str) -> Option<&Model> {
         self.models.iter().find(|m| m.name.as_str() == name)
     }
+
+    /// The directories Citadel creates (tmpfiles.d `d` lines, which also chmod
+    /// and chown an existing directory) and that `uninstall --purge` may remove,
+    /// parents before children. Validation guarantees that none is a system
+    /// directory, an ancestor of one or inside one (see `managed_dir` in the
+    /// config's checks); whether one already existed before Citadel's install
+    /// is for the installer to find out.
+    pub fn managed_dirs(&self) -> Vec<PathBuf> {
+        let p = &self.paths;
+        vec![
+            p.home.clone(),
+            p.bin(),
+            p.config_dir(),
+            p.systemd_dir(),
+            p.models.clone(),
+            p.credentials.clone(),
+            PathBuf::from(Paths::STATE_DIR),
+            PathBuf::from(Paths::CACHE_DIR),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +166,11 @@ pub struct Paths {
 }
 
 impl Paths {
+    /// The services' state directory (the `citadel` user's home in sysusers.d).
+    pub const STATE_DIR: &'static str = "/var/lib/citadel";
+    /// The services' cache directory.
+    pub const CACHE_DIR: &'static str = "/var/cache/citadel";
+
     pub fn bin(&self) -> PathBuf {
         self.home.join("bin")
     }

@@ -6,13 +6,79 @@ use std::net::IpAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use crate::checks::{self, SpanBounds};
 use crate::diag::Diagnostic;
 use crate::engine::{Engine, EngineKind, ReadyCheck};
-use crate::raw::{RawConfig, RawGateway, RawModel, S};
-use crate::settings::{
-    is_absolute_clean, Gateway, Limits, Model, ModelName, Paths, Port, ServiceIdentity, Settings,
-};
+use crate::raw::{RawConfig, RawGateway, RawModel, StrMap, S};
+use crate::settings::{Gateway, Limits, Model, ModelName, Paths, Port, ServiceIdentity, Settings};
 use crate::units::{ByteSize, Cpus, SizeLimit, Timespan};
+
+/// System accounts and groups a service identity may not be: Citadel's
+/// services must run as a dedicated account of their own. Sharing `nobody` or
+/// `daemon` shares every file and process of those accounts with the engines;
+/// a privileged group (`shadow`, `disk`, `sudo`, `adm`, `docker`, ...) hands the
+/// sandboxed engines its powers (read password hashes, raw disks, logs, root
+/// through the docker socket). `video` and `render` are not listed: GPU access
+/// legitimately goes through them.
+pub(crate) const SYSTEM_IDENTITIES: &[&str] = &[
+    "root",
+    "daemon",
+    "bin",
+    "sys",
+    "sync",
+    "games",
+    "man",
+    "lp",
+    "mail",
+    "news",
+    "uucp",
+    "proxy",
+    "www-data",
+    "backup",
+    "list",
+    "irc",
+    "gnats",
+    "nobody",
+    "nogroup",
+    "adm",
+    "tty",
+    "disk",
+    "kmem",
+    "dialout",
+    "fax",
+    "voice",
+    "cdrom",
+    "floppy",
+    "tape",
+    "sudo",
+    "wheel",
+    "audio",
+    "dip",
+    "operator",
+    "src",
+    "shadow",
+    "utmp",
+    "plugdev",
+    "staff",
+    "users",
+    "input",
+    "kvm",
+    "docker",
+    "lxd",
+    "libvirt",
+    "ssl-cert",
+    "messagebus",
+    "sshd",
+    "syslog",
+    "polkitd",
+    "systemd-journal",
+    "systemd-network",
+    "systemd-resolve",
+    "systemd-timesync",
+    "systemd-coredump",
+    "systemd-oom",
+    "_apt",
+];
 
 /// The raw resource-limit fields shared by the gateway and the models.
 struct RawLimits<'a> {
@@ -26,6 +92,11 @@ struct RawLimits<'a> {
 
 pub(crate) struct Validator {
     pub diags: Vec<Diagnostic>,
+    /// Key paths whose value was refused while reading (wrong type): a check
+    /// that would report them as missing stays quiet, the type error says it.
+    pub broken: BTreeSet<String>,
+    /// (model, alias) pairs, checked against each other once all models are read.
+    aliases: Vec<(String, S<String>)>,
 }
 
 fn span<T>(v: &S<T>) -> Option<Range<usize>> {
@@ -46,23 +117,78 @@ impl Validator {
             .push(Diagnostic::warning(key, message).at(at).help(help));
     }
 
-    fn path(&mut self, key: &str, v: &Option<S<String>>, default: &Path) -> PathBuf {
-        match v {
-            None => default.to_owned(),
-            Some(s) if is_absolute_clean(s.get_ref()) => PathBuf::from(s.get_ref()),
-            Some(s) => {
+    pub fn new(broken: BTreeSet<String>) -> Validator {
+        Validator {
+            diags: Vec::new(),
+            broken,
+            aliases: Vec::new(),
+        }
+    }
+
+    /// Whether a value at `key` (or the `[model_defaults]` one it would inherit)
+    /// was refused while reading.
+    fn is_broken(&self, key: &str) -> bool {
+        if self.broken.contains(key) {
+            return true;
+        }
+        let field = key.rsplit('.').next().unwrap_or(key);
+        self.broken.contains(&format!("model_defaults.{field}"))
+    }
+
+    /// Free text that reaches a unit or the engine (arguments, ids, env values):
+    /// no control characters.
+    fn text(&mut self, key: &str, s: &S<String>) -> bool {
+        match checks::no_control(s.get_ref()) {
+            Ok(()) => true,
+            Err(e) => {
                 self.error(
                     key,
                     span(s),
-                    format!("`{}` is not an absolute path", s.get_ref()),
-                    Some("write the full path starting with `/` (no `..`); systemd units need absolute paths"),
+                    format!("{key} {e}"),
+                    Some("remove the character; write the value on one line"),
                 );
-                default.to_owned()
+                false
             }
         }
     }
 
-    fn timespan(&mut self, key: &str, v: &Option<S<String>>, default: Timespan) -> Timespan {
+    fn path(&mut self, key: &str, v: &Option<S<String>>, default: &Path) -> PathBuf {
+        match v {
+            None => default.to_owned(),
+            Some(s) => match checks::path(s.get_ref()) {
+                Ok(()) => PathBuf::from(s.get_ref()),
+                Err(e) => {
+                    self.error(
+                        key,
+                        span(s),
+                        format!("`{}` {e}", s.get_ref().escape_debug()),
+                        Some("write the full path starting with `/` (no `..`); systemd units need absolute paths that are one word"),
+                    );
+                    default.to_owned()
+                }
+            },
+        }
+    }
+
+    /// A directory Citadel creates, chmods and purges (see [`checks::managed_dir`]).
+    fn managed_dir(&mut self, key: &str, v: &Option<S<String>>, p: &Path) {
+        if let Err(e) = checks::managed_dir(p) {
+            self.error(
+                key,
+                v.as_ref().and_then(span),
+                format!("{key} `{}` {e}", p.display()),
+                Some("Citadel creates this directory with tmpfiles.d (mode and owner are set even if it exists) and `uninstall --purge` removes it: give it a directory of its own"),
+            );
+        }
+    }
+
+    fn timespan(
+        &mut self,
+        key: &str,
+        v: &Option<S<String>>,
+        default: Timespan,
+        bounds: SpanBounds,
+    ) -> Timespan {
         let Some(s) = v else { return default };
         match Timespan::parse(s.get_ref()) {
             Ok(t) if t.0.is_zero() => {
@@ -70,24 +196,67 @@ impl Validator {
                     key,
                     span(s),
                     format!("{key} must be longer than zero"),
-                    Some("write e.g. `30s`"),
+                    Some(&format!(
+                        "write a span from {} to {}, e.g. `{default}`",
+                        bounds.min, bounds.max
+                    )),
                 );
                 default
             }
-            Ok(t) => t,
+            Ok(t) => match bounds.check(t) {
+                Ok(()) => t,
+                Err(e) => {
+                    self.error(
+                        key,
+                        span(s),
+                        format!("{key} = {e}"),
+                        Some(&format!(
+                            "write a span from {} to {}, e.g. `{default}`",
+                            bounds.min, bounds.max
+                        )),
+                    );
+                    default
+                }
+            },
             Err(e) => {
-                self.error(key, span(s), e, None);
+                self.error(
+                    key,
+                    span(s),
+                    e,
+                    Some("write e.g. `90s`, `15min`, `1h 30min` or `500ms`"),
+                );
                 default
             }
         }
     }
 
-    fn size(&mut self, key: &str, v: &Option<S<String>>) -> Option<ByteSize> {
+    fn size(
+        &mut self,
+        key: &str,
+        v: &Option<S<String>>,
+        min: ByteSize,
+        max: ByteSize,
+        why: &str,
+    ) -> Option<ByteSize> {
         let s = v.as_ref()?;
         match ByteSize::parse(s.get_ref()) {
+            Ok(b) if b < min || b > max => {
+                self.error(
+                    key,
+                    span(s),
+                    format!("{key} = {b} is out of range ({min} to {max})"),
+                    Some(why),
+                );
+                None
+            }
             Ok(b) => Some(b),
             Err(e) => {
-                self.error(key, span(s), e, None);
+                self.error(
+                    key,
+                    span(s),
+                    e,
+                    Some("write a whole number of bytes with a unit, e.g. `512M` or `90G`"),
+                );
                 None
             }
         }
@@ -127,8 +296,21 @@ impl Validator {
             nofile,
             memlock,
         } = raw;
-        let max = self.size(&format!("{prefix}.memory_max"), memory_max);
-        let high = self.size(&format!("{prefix}.memory_high"), memory_high);
+        let why = "a unit needs at least 1M to start its process at all (and `memory_max = \"1\"` is one byte); write e.g. `512M` or `90G`";
+        let max = self.size(
+            &format!("{prefix}.memory_max"),
+            memory_max,
+            checks::MEMORY_MIN,
+            ByteSize::MAX,
+            why,
+        );
+        let high = self.size(
+            &format!("{prefix}.memory_high"),
+            memory_high,
+            checks::MEMORY_MIN,
+            ByteSize::MAX,
+            why,
+        );
         if let (Some(max), Some(high), Some(at)) = (max, high, memory_high) {
             if high > max {
                 self.error(
@@ -139,15 +321,13 @@ impl Validator {
                 );
             }
         }
-        let cpus = cpus.as_ref().and_then(|c| {
-            let n = *c.get_ref();
-            if n > 0.0 && n <= 4096.0 {
-                Some(Cpus(n))
-            } else {
+        let cpus = cpus.as_ref().and_then(|c| match Cpus::new(*c.get_ref()) {
+            Ok(cpus) => Some(cpus),
+            Err(e) => {
                 self.error(
                     &format!("{prefix}.cpus"),
                     span(c),
-                    format!("cpus = {n} is out of range"),
+                    e,
                     Some("give the number of cores, e.g. `cpus = 8` (renders CPUQuota=800%)"),
                 );
                 None
@@ -186,6 +366,7 @@ impl Validator {
             ),
             home,
         };
+        self.paths(raw, &paths);
         let service = ServiceIdentity {
             user: self.identity("service.user", &raw.service.user),
             group: self.identity("service.group", &raw.service.group),
@@ -209,17 +390,66 @@ impl Validator {
                 models.push(m);
             }
         }
-        if raw.models.is_empty() {
+        if raw.models.is_empty() && !self.broken.contains("models") {
+            // A whole-file problem: it has no place to point at.
             self.error("models", None, "no models are configured".into(), Some("add at least one `[models.NAME]` table with a `port` (see `citadel-systemd init`)"));
         }
         models.sort_by_key(|m| m.port);
         self.ports(raw, &gateway);
+        self.alias_collisions(raw);
         Settings {
             source: source.to_owned(),
             paths,
             service,
             gateway,
             models,
+        }
+    }
+
+    /// Issue 9, item 13: the directories Citadel creates, chmods and purges are
+    /// its own, and they do not overlap in ways that break or expose them.
+    fn paths(&mut self, raw: &RawConfig, paths: &Paths) {
+        let p = &raw.paths;
+        self.managed_dir("paths.home", &p.home, &paths.home);
+        self.managed_dir("paths.models", &p.models, &paths.models);
+        self.managed_dir("paths.credentials", &p.credentials, &paths.credentials);
+        let at = |v: &Option<S<String>>| v.as_ref().and_then(span);
+        // Two tmpfiles.d lines for one directory with different modes: one loses.
+        for (key, v, dir, other_key, other) in [
+            (
+                "paths.models",
+                &p.models,
+                &paths.models,
+                "paths.home",
+                &paths.home,
+            ),
+            (
+                "paths.credentials",
+                &p.credentials,
+                &paths.credentials,
+                "paths.home",
+                &paths.home,
+            ),
+            (
+                "paths.credentials",
+                &p.credentials,
+                &paths.credentials,
+                "paths.models",
+                &paths.models,
+            ),
+        ] {
+            if dir == other {
+                self.error(key, at(v), format!("{key} is the same directory as {other_key} (`{}`)", dir.display()), Some("each gets its own owner and mode (credentials are root-only, models readable by the service group): give each its own directory"));
+            }
+        }
+        // Credentials are 0700 root: whatever lies inside is out of the services' reach.
+        for (key, v, dir) in [
+            ("paths.home", &p.home, &paths.home),
+            ("paths.models", &p.models, &paths.models),
+        ] {
+            if dir != &paths.credentials && dir.starts_with(&paths.credentials) {
+                self.error(key, at(v), format!("{key} `{}` is inside paths.credentials `{}`", dir.display(), paths.credentials.display()), Some("the credentials directory is root-only (0700), so the services could not reach anything inside it: move one of them"));
+            }
         }
     }
 
@@ -233,13 +463,20 @@ impl Validator {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
         if !valid {
-            self.error(key, span(s), format!("`{name}` is not a valid system user or group name"), Some("use lowercase letters, digits, `_` and `-`, starting with a letter (at most 31 characters)"));
+            self.error(key, span(s), format!("`{}` is not a valid system user or group name", name.escape_debug()), Some("use lowercase letters, digits, `_` and `-`, starting with a letter (at most 31 characters)"));
         } else if name == "root" {
             self.error(
                 key,
                 span(s),
                 "Citadel's services must not run as root".into(),
                 Some("use the default `citadel` or another unprivileged account"),
+            );
+        } else if SYSTEM_IDENTITIES.contains(&name.as_str()) {
+            self.error(
+                key,
+                span(s),
+                format!("`{name}` is a system account or group; Citadel's services must run as a dedicated account of their own"),
+                Some("sharing `nobody` or `daemon` shares their files and processes with the engines, and a privileged group (shadow, disk, sudo, adm, docker, ...) hands its powers to them: use the default `citadel`"),
             );
         }
         name.clone()
@@ -252,17 +489,29 @@ impl Validator {
                 self.error(
                     "gateway.listen",
                     span(s),
-                    format!("`{}` is not an IP address", s.get_ref()),
+                    format!("`{}` is not an IP address", s.get_ref().escape_debug()),
                     Some("write an address such as `127.0.0.1`, `0.0.0.0` or `::`"),
                 );
                 IpAddr::from([127, 0, 0, 1])
             }),
         };
+        let default_port = Port::new(8000).unwrap_or_else(|_| unreachable!("8000 is a valid port"));
         let port = g
             .port
             .as_ref()
             .and_then(|p| self.port("gateway.port", p))
-            .unwrap_or(Port::new(8000).expect("valid"));
+            .unwrap_or(default_port);
+        if let (Some(p), true) = (
+            &g.port,
+            port.is_privileged() && ![80, 443].contains(&port.get()),
+        ) {
+            self.warn(
+                "gateway.port",
+                span(p),
+                format!("gateway port {port} is privileged and not an HTTP port"),
+                "the gateway then keeps CAP_NET_BIND_SERVICE to bind it; 80 and 443 are the usual privileged choices, otherwise use a port from 1024 up (the default is 8000)",
+            );
+        }
         let auth = g.auth.as_ref().is_none_or(|a| *a.get_ref());
         let rate = match &g.rate_limit_per_minute {
             None => 100,
@@ -276,25 +525,33 @@ impl Validator {
                 .unwrap_or(100),
         };
         let max_body = self
-            .size("gateway.max_body", &g.max_body)
+            .size(
+                "gateway.max_body",
+                &g.max_body,
+                checks::MAX_BODY_MIN,
+                checks::MAX_BODY_MAX,
+                "the gateway buffers a whole request body in memory; 1M fits long chat prompts",
+            )
             .unwrap_or(ByteSize(ByteSize::MIB));
-        let cors_origins = g
-            .cors_origins
-            .as_ref()
-            .map(|c| c.get_ref().clone())
-            .unwrap_or_default();
+        let mut cors_origins = Vec::new();
         if let Some(c) = &g.cors_origins {
             for origin in c.get_ref() {
-                if origin != "*"
-                    && !(origin.starts_with("http://") || origin.starts_with("https://"))
+                let o = origin.get_ref();
+                if !self.text("gateway.cors_origins", origin) {
+                    continue;
+                }
+                if o != "*"
+                    && (!(o.starts_with("http://") || o.starts_with("https://"))
+                        || o.contains(char::is_whitespace))
                 {
                     self.error(
                         "gateway.cors_origins",
-                        span(c),
-                        format!("CORS origin `{origin}` must start with http:// or https://"),
+                        span(origin),
+                        format!("CORS origin `{o}` must start with http:// or https:// and contain no spaces"),
                         Some("write origins such as `https://chat.example.com`"),
                     );
                 }
+                cors_origins.push(o.clone());
             }
         }
         let limits = self.limits(
@@ -308,15 +565,30 @@ impl Validator {
                 memlock: None,
             },
         );
+        let api_keys_file = self.path(
+            "gateway.api_keys_file",
+            &g.api_keys_file,
+            &paths.credentials.join("api-keys"),
+        );
+        // `install` writes a new key file there when there is none: its directory
+        // must not be a system directory (a file in /etc/sudoers.d breaks sudo).
+        if let (Some(raw), Some(dir)) = (&g.api_keys_file, api_keys_file.parent()) {
+            if dir != paths.credentials {
+                if let Err(e) = checks::managed_dir(dir) {
+                    self.error(
+                        "gateway.api_keys_file",
+                        span(raw),
+                        format!("the directory of api_keys_file, `{}`, {e}", dir.display()),
+                        Some("`install` creates the key file when it is missing: keep it in Citadel's credentials directory, e.g. `/etc/citadel/credentials/api-keys`"),
+                    );
+                }
+            }
+        }
         let gw = Gateway {
             listen,
             port,
             auth,
-            api_keys_file: self.path(
-                "gateway.api_keys_file",
-                &g.api_keys_file,
-                &paths.credentials.join("api-keys"),
-            ),
+            api_keys_file,
             rate_limit_per_minute: rate,
             max_body,
             cors_origins,
@@ -324,23 +596,32 @@ impl Validator {
                 "gateway.header_timeout",
                 &g.header_timeout,
                 Timespan::from_secs(10),
+                checks::HEADER_TIMEOUT,
             ),
             request_timeout: self.timespan(
                 "gateway.request_timeout",
                 &g.request_timeout,
                 Timespan::from_secs(600),
+                checks::REQUEST_TIMEOUT,
             ),
             probe_interval: self.timespan(
                 "gateway.probe_interval",
                 &g.probe_interval,
                 Timespan::from_secs(2),
+                checks::PROBE_INTERVAL,
             ),
             drain_timeout: self.timespan(
                 "gateway.drain_timeout",
                 &g.drain_timeout,
                 Timespan::from_secs(30),
+                checks::DRAIN_TIMEOUT,
             ),
-            watchdog: self.timespan("gateway.watchdog", &g.watchdog, Timespan::from_secs(30)),
+            watchdog: self.timespan(
+                "gateway.watchdog",
+                &g.watchdog,
+                Timespan::from_secs(30),
+                checks::WATCHDOG,
+            ),
             limits,
         };
         if !gw.listen.is_loopback() && !gw.auth {
@@ -372,6 +653,7 @@ impl Validator {
         };
         let port = match &m.port {
             Some(p) => self.port(&k("port"), p),
+            None if self.is_broken(&k("port")) => None,
             None => {
                 self.error(
                     &k("port"),
@@ -399,18 +681,15 @@ impl Validator {
         let env = self.env(&k("env"), &m.env);
         let credentials = self.credentials(&k("credentials"), &m.credentials);
         let gpus = self.gpus(&k("gpus"), &m.gpus);
-        let health_path = match (&m.health_path, kind) {
-            (Some(p), _) if !p.get_ref().starts_with('/') => {
-                self.error(
-                    &k("health_path"),
-                    span(p),
-                    format!("health_path `{}` must start with `/`", p.get_ref()),
-                    Some("write e.g. `/health`"),
-                );
-                kind.default_health_path().to_owned()
-            }
-            (Some(p), _) => p.get_ref().clone(),
-            (None, _) => kind.default_health_path().to_owned(),
+        let health_path = match &m.health_path {
+            Some(p) => match checks::health_path(p.get_ref()) {
+                Ok(()) => p.get_ref().clone(),
+                Err(e) => {
+                    self.error(&k("health_path"), span(p), e, Some("write e.g. `/health`"));
+                    kind.default_health_path().to_owned()
+                }
+            },
+            None => kind.default_health_path().to_owned(),
         };
         let ready_check = match &m.ready_check {
             None => kind.default_ready_check(),
@@ -428,14 +707,25 @@ impl Validator {
             &k("start_timeout"),
             &m.start_timeout,
             Timespan::from_secs(kind.default_start_timeout_secs()),
+            checks::START_TIMEOUT,
         );
-        let stop_timeout =
-            self.timespan(&k("stop_timeout"), &m.stop_timeout, Timespan::from_secs(30));
-        let watchdog = self.timespan(&k("watchdog"), &m.watchdog, Timespan::from_secs(30));
+        let stop_timeout = self.timespan(
+            &k("stop_timeout"),
+            &m.stop_timeout,
+            Timespan::from_secs(30),
+            checks::STOP_TIMEOUT,
+        );
+        let watchdog = self.timespan(
+            &k("watchdog"),
+            &m.watchdog,
+            Timespan::from_secs(30),
+            checks::WATCHDOG,
+        );
         let probe_interval = self.timespan(
             &k("probe_interval"),
             &m.probe_interval,
             Timespan::from_secs(1),
+            checks::PROBE_INTERVAL,
         );
         if probe_interval >= watchdog {
             let at = m
@@ -456,37 +746,58 @@ impl Validator {
                 memlock: m.memlock.as_ref(),
             },
         );
-        let aliases = m
-            .aliases
-            .as_ref()
-            .map(|a| a.get_ref().clone())
-            .unwrap_or_default();
-        let replicas = m
-            .replicas
-            .as_ref()
-            .map(|r| r.get_ref().clone())
-            .unwrap_or_default();
-        if let Some(r) = &m.replicas {
-            for url in r.get_ref() {
-                if !valid_upstream(url) {
-                    self.error(
-                        &k("replicas"),
-                        span(r),
-                        format!("replica `{url}` is not an upstream URL"),
-                        Some("write `http://HOST:PORT`, e.g. `http://10.0.0.12:11400`"),
-                    );
-                }
+        let mut aliases = Vec::new();
+        for alias in m.aliases.iter().flat_map(|a| a.get_ref()) {
+            if !self.text(&k("aliases"), alias) {
+                continue;
             }
+            let a = alias.get_ref();
+            if a.is_empty() || a.contains(char::is_whitespace) {
+                self.error(
+                    &k("aliases"),
+                    span(alias),
+                    format!("alias `{a}` is empty or contains whitespace"),
+                    Some("an alias is a model name clients send, e.g. `gpt-4`"),
+                );
+                continue;
+            }
+            if aliases.contains(a) {
+                self.warn(
+                    &k("aliases"),
+                    span(alias),
+                    format!("alias `{a}` is listed twice"),
+                    "remove the second one",
+                );
+                continue;
+            }
+            aliases.push(a.clone());
+            self.aliases.push((name.get_ref().clone(), alias.clone()));
+        }
+        let mut replicas = Vec::new();
+        for url in m.replicas.iter().flat_map(|r| r.get_ref()) {
+            if !valid_upstream(url.get_ref()) {
+                self.error(
+                    &k("replicas"),
+                    span(url),
+                    format!(
+                        "replica `{}` is not an upstream URL",
+                        url.get_ref().escape_debug()
+                    ),
+                    Some("write `http://HOST:PORT`, e.g. `http://10.0.0.12:11400`"),
+                );
+            }
+            replicas.push(url.get_ref().clone());
+        }
+        let mut args = Vec::new();
+        for arg in m.args.iter().flat_map(|a| a.get_ref()) {
+            self.text(&k("args"), arg);
+            args.push(arg.get_ref().clone());
         }
         Some(Model {
             name: name_ok?,
             port: port?,
             engine: engine?,
-            args: m
-                .args
-                .as_ref()
-                .map(|a| a.get_ref().clone())
-                .unwrap_or_default(),
+            args,
             env,
             credentials,
             gpus,
@@ -541,7 +852,11 @@ impl Validator {
         };
         let require_model = |v: &mut Validator, what: &str| -> Option<String> {
             match &m.model {
-                Some(s) if !s.get_ref().trim().is_empty() => Some(s.get_ref().clone()),
+                Some(s) if !s.get_ref().trim().is_empty() => {
+                    v.text(&k("model"), s);
+                    Some(s.get_ref().clone())
+                }
+                _ if v.is_broken(&k("model")) => None,
                 _ => {
                     v.error(
                         &k("model"),
@@ -587,13 +902,15 @@ impl Validator {
                     self,
                     "set `model` to the GGUF file, e.g. \"/opt/citadel/models/phi3.gguf\"",
                 );
-                if let Some(s) = m.model.as_ref().filter(|s| !is_absolute_clean(s.get_ref())) {
-                    self.error(
-                        &k("model"),
-                        span(s),
-                        format!("`{}` is not an absolute path", s.get_ref()),
-                        Some("llama-server loads a GGUF file: give its full path"),
-                    );
+                if let Some(s) = &m.model {
+                    if let Err(e) = checks::path(s.get_ref()) {
+                        self.error(
+                            &k("model"),
+                            span(s),
+                            format!("`{}` {e}", s.get_ref().escape_debug()),
+                            Some("llama-server loads a GGUF file: give its full path"),
+                        );
+                    }
                 }
                 Engine::LlamaCpp {
                     binary: program(self, "binary", &m.binary),
@@ -613,13 +930,23 @@ impl Validator {
                 model: require_model(self, "set `model` to the model directory or id")?,
             },
             EngineKind::Command => {
-                let argv = match &m.command {
-                    Some(c) if !c.get_ref().is_empty() => {
-                        if !is_absolute_clean(&c.get_ref()[0]) {
-                            self.error(&k("command"), span(c), format!("the program `{}` is not an absolute path", c.get_ref()[0]), Some("systemd runs engines without a shell or PATH search: give the full path"));
+                let argv = match m.command.as_ref().map(|c| c.get_ref().as_slice()) {
+                    Some([program, rest @ ..]) => {
+                        if let Err(e) = checks::path(program.get_ref()) {
+                            self.error(&k("command"), span(program), format!("the program `{}` {e}", program.get_ref().escape_debug()), Some("systemd runs engines without a shell or PATH search: give the full path"));
                         }
-                        Some(c.get_ref().clone())
+                        for word in rest {
+                            self.text(&k("command"), word);
+                        }
+                        Some(
+                            m.command
+                                .iter()
+                                .flat_map(|c| c.get_ref())
+                                .map(|w| w.get_ref().clone())
+                                .collect(),
+                        )
                     }
+                    _ if self.is_broken(&k("command")) => None,
                     _ => {
                         if !misplaced {
                             self.error(&k("command"), Some(table.clone()), "engine \"command\" needs `command`".into(), Some("set `command = [\"/usr/local/bin/my-server\", \"--port\", \"11400\"]`"));
@@ -642,29 +969,20 @@ impl Validator {
         Some(engine)
     }
 
-    fn env(
-        &mut self,
-        key: &str,
-        v: &Option<S<std::collections::BTreeMap<String, String>>>,
-    ) -> BTreeMap<String, String> {
+    fn env(&mut self, key: &str, v: &Option<S<StrMap>>) -> BTreeMap<String, String> {
         let Some(env) = v else { return BTreeMap::new() };
-        for (name, value) in env.get_ref() {
-            let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid {
-                self.error(
-                    key,
-                    span(env),
-                    format!("`{name}` is not a valid environment variable name"),
-                    Some("use letters, digits and `_`, not starting with a digit"),
-                );
+        let mut out = BTreeMap::new();
+        for (name_s, value_s) in env.get_ref() {
+            let (name, value) = (name_s.get_ref(), value_s.get_ref());
+            if let Err(e) = checks::env_name(name) {
+                self.error(key, span(name_s), e, None);
             }
-            if value.contains('\n') {
+            if let Err(e) = checks::no_control(value) {
                 self.error(
                     key,
-                    span(env),
-                    format!("the value of `{name}` contains a newline"),
-                    None,
+                    span(value_s),
+                    format!("the value of `{}` {e}", name.escape_debug()),
+                    Some("environment values are written into the unit as `Environment=` lines: keep them on one line"),
                 );
             }
             let upper = name.to_ascii_uppercase();
@@ -677,38 +995,27 @@ impl Validator {
                     .iter()
                     .any(|s| upper.contains(s))
             {
-                self.error(key, span(env), format!("`{name}` looks like a secret; secrets never go into unit files"), Some("put the secret in a file under /etc/citadel/credentials and add it as a credential: `credentials = { hf-token = \"/etc/citadel/credentials/hf-token\" }` (the engine reads it from $CREDENTIALS_DIRECTORY)"));
+                self.error(key, span(name_s), format!("`{name}` looks like a secret; secrets never go into unit files"), Some("put the secret in a file under /etc/citadel/credentials and add it as a credential: `credentials = { hf-token = \"/etc/citadel/credentials/hf-token\" }` (the engine reads it from $CREDENTIALS_DIRECTORY)"));
             }
+            out.insert(name.clone(), value.clone());
         }
-        env.get_ref().clone()
+        out
     }
 
-    fn credentials(
-        &mut self,
-        key: &str,
-        v: &Option<S<BTreeMap<String, String>>>,
-    ) -> BTreeMap<String, PathBuf> {
+    fn credentials(&mut self, key: &str, v: &Option<S<StrMap>>) -> BTreeMap<String, PathBuf> {
         let Some(c) = v else { return BTreeMap::new() };
         let mut out = BTreeMap::new();
-        for (name, path) in c.get_ref() {
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
-            {
-                self.error(
-                    key,
-                    span(c),
-                    format!("`{name}` is not a valid credential name"),
-                    Some("use letters, digits, `-`, `_` and `.`"),
-                );
+        for (name_s, path_s) in c.get_ref() {
+            let (name, path) = (name_s.get_ref(), path_s.get_ref());
+            if let Err(e) = checks::credential_name(name) {
+                self.error(key, span(name_s), e, None);
             }
-            if !is_absolute_clean(path) {
+            if let Err(e) = checks::path(path) {
                 self.error(
                     key,
-                    span(c),
-                    format!("credential `{name}`: `{path}` is not an absolute path"),
-                    Some("give the full path of the host file systemd loads"),
+                    span(path_s),
+                    format!("credential `{}`: `{}` {e}", name.escape_debug(), path.escape_debug()),
+                    Some("give the full path of the host file systemd loads (LoadCredential=NAME:PATH)"),
                 );
             }
             out.insert(name.clone(), PathBuf::from(path));
@@ -734,6 +1041,36 @@ impl Validator {
         seen.into_iter().collect()
     }
 
+    /// Issue 9, item 5: an alias names exactly one model. Two models sharing an
+    /// alias, or an alias equal to another model's name, would route a client's
+    /// requests to whichever the gateway happened to find first.
+    fn alias_collisions(&mut self, raw: &RawConfig) {
+        let names: Vec<&String> = raw.models.keys().map(|n| n.get_ref()).collect();
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        let aliases = std::mem::take(&mut self.aliases);
+        for (model, alias) in &aliases {
+            let key = format!("models.{model}.aliases");
+            let a = alias.get_ref().as_str();
+            if a == model {
+                self.warn(
+                    &key,
+                    span(alias),
+                    format!("alias `{a}` of model `{model}` is its own name"),
+                    "a model is always reachable by its name; remove the alias",
+                );
+            } else if names.iter().any(|n| n.as_str() == a) {
+                self.error(
+                    &key,
+                    span(alias),
+                    format!("alias `{a}` of model `{model}` is the name of model `{a}`"),
+                    Some("a name may route to one model only: rename the alias or the model"),
+                );
+            } else if let Some(other) = seen.insert(a, model) {
+                self.error(&key, span(alias), format!("alias `{a}` of model `{model}` is also an alias of model `{other}`"), Some("a name may route to one model only: give each model its own aliases (use `replicas` to balance one model over several engines)"));
+            }
+        }
+    }
+
     fn ports(&mut self, raw: &RawConfig, gateway: &Gateway) {
         let mut used: BTreeMap<u16, String> = BTreeMap::new();
         for (name, m) in &raw.models {
@@ -751,7 +1088,7 @@ impl Validator {
                     Some("model engines need ports of their own; the spec uses 11400-11403"),
                 );
             }
-            if port.is_privileged() {
+            if port.get() < checks::MODEL_PORT_MIN {
                 self.error(&key, span(p), format!("port {port} is privileged"), Some("model engines run without capabilities; use a port from 1024 up (e.g. 11400)"));
             }
             if let Some(other) = used.insert(port.get(), name.get_ref().clone()) {
@@ -788,13 +1125,21 @@ fn defaults_for(model: &RawModel, defaults: &RawModel) -> RawModel {
     d
 }
 
+/// `http://HOST:PORT[/]`, HOST a name, an IPv4 address or a bracketed IPv6 one.
 fn valid_upstream(url: &str) -> bool {
     let Some(rest) = url.strip_prefix("http://") else {
         return false;
     };
-    let rest = rest.trim_end_matches('/');
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let host_char =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']');
     match rest.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        Some((host, port)) => {
+            !host.is_empty()
+                && host.chars().all(host_char)
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }
         None => false,
     }
 }
