@@ -54,9 +54,11 @@ pub async fn jobs(settings: &Settings, verb: &str, names: &[String]) -> Result<E
     )?;
     // systemd 252's reload job ends when `kill -HUP` exits, before the gateway
     // has reloaded: count the gateway's completed reloads to wait for this one.
-    let reloads_before = (verb == "reload" && units.iter().any(|u| u == unit_names::GATEWAY))
-        .then(|| crate::observe::gateway_reloads(settings))
-        .flatten();
+    let reloads_before = if verb == "reload" && units.iter().any(|u| u == unit_names::GATEWAY) {
+        crate::observe::gateway_reloads(settings).await
+    } else {
+        None
+    };
     let outcomes = systemd
         .run_jobs(verb, &units, Duration::from_millis(250), |unit, status| {
             let _ = outln!("  {:<10} {status}", short_name(unit));
@@ -67,7 +69,7 @@ pub async fn jobs(settings: &Settings, verb: &str, names: &[String]) -> Result<E
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut done = None;
         while Instant::now() < deadline {
-            match crate::observe::gateway_reloads(settings) {
+            match crate::observe::gateway_reloads(settings).await {
                 Some((n, last_failed)) if n > before => {
                     done = Some(last_failed);
                     break;

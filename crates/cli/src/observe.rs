@@ -1,8 +1,7 @@
 //! `status`, `health` and `logs`: what systemd knows, what the services answer,
 //! and what they wrote to the journal.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -116,6 +115,7 @@ async fn health_once(settings: &Settings) -> Result<Health> {
     let gw_state = systemd.unit_state(unit_names::GATEWAY).await?;
     let gw_addr = gateway_addr(settings);
     let gw_models = http_get(gw_addr, "/health/models")
+        .await
         .ok()
         .filter(|(code, _)| *code == 200)
         .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok());
@@ -125,7 +125,9 @@ async fn health_once(settings: &Settings) -> Result<Health> {
         let probe = match http_get(
             SocketAddr::from(([127, 0, 0, 1], m.port.get())),
             &m.health_path,
-        ) {
+        )
+        .await
+        {
             Ok((200, _)) => "ok".to_owned(),
             Ok((code, _)) => format!("http {code}"),
             Err(e) => format!("unreachable ({e})"),
@@ -151,7 +153,9 @@ async fn health_once(settings: &Settings) -> Result<Health> {
         });
     }
     let gateway_ready = gw_state.active_state == "active"
-        && http_get(gw_addr, "/health/ready").is_ok_and(|(code, _)| code == 200);
+        && http_get(gw_addr, "/health/ready")
+            .await
+            .is_ok_and(|(code, _)| code == 200);
     let ready = models.iter().filter(|m| m.healthy).count();
     let overall = if !gateway_ready || ready == 0 {
         "down"
@@ -181,8 +185,8 @@ pub fn gateway_addr(settings: &Settings) -> SocketAddr {
 
 /// The gateway's count of completed SIGHUP reloads and whether the last one
 /// failed (from its `/health`), or None when it does not answer.
-pub fn gateway_reloads(settings: &Settings) -> Option<(u64, bool)> {
-    let (code, body) = http_get(gateway_addr(settings), "/health").ok()?;
+pub async fn gateway_reloads(settings: &Settings) -> Option<(u64, bool)> {
+    let (code, body) = http_get(gateway_addr(settings), "/health").await.ok()?;
     let v: serde_json::Value = serde_json::from_str(body.trim())
         .ok()
         .filter(|_| code == 200)?;
@@ -291,38 +295,85 @@ pub fn logs(settings: &Settings, names: &[String], o: &LogOptions) -> Result<Exi
     ))
 }
 
-/// A minimal HTTP/1.1 GET for local probes: (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let timeout = Duration::from_secs(2);
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("not an HTTP response"))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    // Chunked bodies: good enough for JSON probes to strip the size lines.
-    let body = if text
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body.lines()
-            .filter(|l| !l.chars().all(|c| c.is_ascii_hexdigit()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    } else {
-        body.to_owned()
+/// How long one local probe may take, connect to last body byte.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest response body read by a probe (health answers are small JSON).
+const HTTP_MAX_BODY: usize = 1024 * 1024;
+
+/// Why a local HTTP probe failed. The services answering are outside input:
+/// whatever bytes they send, a probe ends with a value or one of these.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("`{0}` is not a valid request path")]
+    BadPath(String),
+    #[error("no complete answer within {0:?}")]
+    Timeout(Duration),
+    #[error("bad HTTP response: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("response body larger than {0} bytes")]
+    BodyTooLarge(usize),
+}
+
+/// `GET path` on `addr` with HTTP/1.1 (hyper's connection-level client):
+/// (status, body as lossy UTF-8). Everything, connecting included, happens
+/// within `timeout`; the body is read up to `max_body` bytes.
+async fn http_get_with(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<(u16, String), HttpError> {
+    use http_body_util::{BodyExt, Empty, Limited};
+
+    let request = hyper::Request::builder()
+        .method(hyper::Method::GET)
+        .uri(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|_| HttpError::BadPath(path.escape_debug().to_string()))?;
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(HttpError::Connect)?;
+        stream.set_nodelay(true).map_err(HttpError::Connect)?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let response = async {
+            let response = sender.send_request(request).await?;
+            let status = response.status().as_u16();
+            let body = Limited::new(response.into_body(), max_body)
+                .collect()
+                .await
+                .map_err(|e| match e.downcast::<hyper::Error>() {
+                    Ok(e) => HttpError::Http(*e),
+                    Err(_) => HttpError::BodyTooLarge(max_body),
+                })?
+                .to_bytes();
+            Ok::<_, HttpError>((status, String::from_utf8_lossy(&body).into_owned()))
+        };
+        // The connection future does the I/O; it may end (Connection: close)
+        // before the body has been collected, so then wait for the response.
+        tokio::pin!(response, conn);
+        tokio::select! {
+            biased;
+            r = &mut response => r,
+            c = &mut conn => {
+                c?;
+                response.await
+            }
+        }
     };
-    Ok((code, body))
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| HttpError::Timeout(timeout))?
+}
+
+/// A local probe: `GET path` with the default timeout and body limit.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), HttpError> {
+    http_get_with(addr, path, HTTP_TIMEOUT, HTTP_MAX_BODY).await
 }
 
 fn human(bytes: u64) -> String {
@@ -349,5 +400,153 @@ fn since(usec: u64) -> String {
         120..=7199 => format!("{} min ago", ago / 60),
         7200..=172_799 => format!("{} h ago", ago / 3600),
         _ => format!("{} days ago", ago / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A one-connection server: reads the request, sends `response`, closes
+    /// (or, with `hold`, keeps the connection open without a word).
+    async fn serve_once(response: Vec<u8>, hold: bool) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(&response).await;
+            if hold {
+                let _ = s.read(&mut buf).await;
+            }
+            let _ = s.shutdown().await;
+        });
+        addr
+    }
+
+    async fn get(response: &[u8]) -> Result<(u16, String), HttpError> {
+        let addr = serve_once(response.to_vec(), false).await;
+        http_get_with(addr, "/health", Duration::from_secs(2), 64).await
+    }
+
+    #[test]
+    fn a_plain_and_a_chunked_answer_are_read() {
+        let rt = runtime();
+        let (code, body) = rt
+            .block_on(get(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"))
+            .unwrap();
+        assert_eq!((code, body.as_str()), (200, "{}"));
+        let (code, body) = rt
+            .block_on(get(
+                b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            ))
+            .unwrap();
+        assert_eq!((code, body.as_str()), (503, "abc"));
+    }
+
+    /// Issue 9, item 2: the old helper dropped every body line that was all hex
+    /// digits, taking it for a chunk size.
+    #[test]
+    fn issue9_http_probe_keeps_an_all_hex_body_line() {
+        let body = "cafe\n{\"a\":1}\nbeef";
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        );
+        let (code, got) = runtime().block_on(get(response.as_bytes())).unwrap();
+        assert_eq!((code, got.as_str()), (200, body));
+    }
+
+    /// Issue 9, item 2: a chunk size `ffffffffffffffff` (the supervisor's probe
+    /// panicked on it), a truncated body and an oversized one are errors.
+    #[test]
+    fn issue9_http_probe_refuses_hostile_responses() {
+        let rt = runtime();
+        let huge_chunk =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc\r\n";
+        assert!(rt.block_on(get(huge_chunk)).is_err());
+        let overflow =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\nabc\r\n";
+        assert!(rt.block_on(get(overflow)).is_err());
+        let truncated = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort";
+        assert!(rt.block_on(get(truncated)).is_err());
+        let truncated_chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc";
+        assert!(rt.block_on(get(truncated_chunked)).is_err());
+        let too_large = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: 65\r\n\r\n{}",
+            "x".repeat(65)
+        );
+        assert!(matches!(
+            rt.block_on(get(too_large.as_bytes())),
+            Err(HttpError::BodyTooLarge(64))
+        ));
+        assert!(rt.block_on(get(b"SSH-2.0-OpenSSH_9.2\r\n")).is_err());
+        assert!(rt.block_on(get(b"")).is_err());
+    }
+
+    /// Issue 9, item 2: the old helper did blocking I/O inside async functions;
+    /// a server that never answers now costs the timeout and no more, and a
+    /// path that would inject a header line is refused before anything is sent.
+    #[test]
+    fn issue9_http_probe_times_out_and_refuses_bad_paths() {
+        let rt = runtime();
+        let started = Instant::now();
+        let r = rt.block_on(async {
+            let addr = serve_once(Vec::new(), true).await;
+            http_get_with(addr, "/health", Duration::from_millis(200), 64).await
+        });
+        assert!(matches!(r, Err(HttpError::Timeout(_))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let r = rt.block_on(async {
+            let addr = serve_once(b"HTTP/1.1 200 OK\r\n\r\n".to_vec(), false).await;
+            http_get_with(addr, "/h\r\nX-Evil: 1", Duration::from_secs(1), 64).await
+        });
+        assert!(matches!(r, Err(HttpError::BadPath(_))), "{r:?}");
+    }
+
+    fn response_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let head = prop_oneof![
+            Just(Vec::new()),
+            Just(b"HTTP/1.1 200 OK\r\n".to_vec()),
+            Just(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec()),
+            Just(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".to_vec()),
+        ];
+        let tail = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..256),
+            "[0-9a-fA-F;\r\n xz=-]{0,64}".prop_map(String::into_bytes),
+        ];
+        (head, tail).prop_map(|(mut h, t)| {
+            h.extend(t);
+            h
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Issue 9, item 2: no byte sequence makes the probe panic or hang.
+        #[test]
+        fn issue9_http_probe_never_panics_on_arbitrary_responses(bytes in response_bytes()) {
+            let started = Instant::now();
+            let timeout = Duration::from_secs(1);
+            let _ = runtime().block_on(async {
+                let addr = serve_once(bytes, false).await;
+                http_get_with(addr, "/health", timeout, 64).await
+            });
+            prop_assert!(started.elapsed() < timeout + Duration::from_millis(500));
+        }
     }
 }
