@@ -1,15 +1,34 @@
-//! SERVICE arguments: model names, `gateway` (alias `api-gateway`) or unit names.
+//! SERVICE arguments: model names, `gateway` (alias `api-gateway`,
+//! `citadel-gateway`) or unit names.
+//!
+//! A name resolves to every unit it could mean: a unit name of the stack, the
+//! gateway's aliases, a model name. Exactly one must remain; a name that means
+//! two different units (a model named `citadel-gateway.service`, which the
+//! config refuses too) is refused with both readings rather than guessed
+//! (issue 9, item 15: `restart citadel-gateway.service` restarted the gateway).
 
 use anyhow::{bail, Result};
 use citadel_config::{unit_names, Settings};
 
+/// The gateway's names besides its unit name.
+const GATEWAY_ALIASES: &[&str] = &["gateway", "api-gateway", "citadel-gateway"];
+
 /// Resolves SERVICE arguments to unit names, models first (by port) then the
 /// gateway. No arguments means the whole stack.
 pub fn resolve(settings: &Settings, names: &[String]) -> Result<Vec<String>> {
-    let all: Vec<String> = settings
+    let models: Vec<(&str, String)> = settings
         .models
         .iter()
-        .map(|m| m.unit_name())
+        .map(|m| (m.name.as_str(), m.unit_name()))
+        .collect();
+    resolve_in(&models, names)
+}
+
+/// [`resolve`] over (model name, unit name) pairs in stack order.
+fn resolve_in(models: &[(&str, String)], names: &[String]) -> Result<Vec<String>> {
+    let all: Vec<String> = models
+        .iter()
+        .map(|(_, unit)| unit.clone())
         .chain(std::iter::once(unit_names::GATEWAY.to_owned()))
         .collect();
     if names.is_empty() {
@@ -17,15 +36,37 @@ pub fn resolve(settings: &Settings, names: &[String]) -> Result<Vec<String>> {
     }
     let mut chosen = Vec::new();
     for name in names {
-        let unit = match name.as_str() {
-            "gateway" | "api-gateway" | "citadel-gateway" => unit_names::GATEWAY.to_owned(),
-            n if all.iter().any(|u| u == n) => n.to_owned(),
-            n if settings.model(n).is_some() => format!("citadel-model@{n}.service"),
-            n => {
-                let models: Vec<&str> = settings.models.iter().map(|m| m.name.as_str()).collect();
+        let n = name.as_str();
+        let mut meanings: Vec<(String, &str)> = Vec::new();
+        if all.iter().any(|u| u == n) {
+            meanings.push((n.to_owned(), "the unit name"));
+        }
+        if GATEWAY_ALIASES.contains(&n) {
+            meanings.push((unit_names::GATEWAY.to_owned(), "the gateway"));
+        }
+        if let Some((_, unit)) = models.iter().find(|(m, _)| *m == n) {
+            meanings.push((unit.clone(), "the model name"));
+        }
+        let mut units: Vec<&String> = meanings.iter().map(|(u, _)| u).collect();
+        units.sort();
+        units.dedup();
+        let unit = match units.as_slice() {
+            [unit] => (*unit).clone(),
+            [] => {
+                let models: Vec<&str> = models.iter().map(|(m, _)| *m).collect();
                 bail!(
                     "unknown service `{n}`; valid services: {}, gateway (alias api-gateway), or their unit names",
                     models.join(", ")
+                );
+            }
+            _ => {
+                let readings: Vec<String> = meanings
+                    .iter()
+                    .map(|(u, how)| format!("{u} ({how})"))
+                    .collect();
+                bail!(
+                    "service `{n}` is ambiguous: it names {}; give the full unit name of the one you mean",
+                    readings.join(" and ")
                 );
             }
         };
@@ -93,5 +134,49 @@ mod tests {
             err.contains("mixtral, hermes, openchat, phi3, gateway"),
             "{err}"
         );
+    }
+
+    /// Issue 9, item 15: with a model named `citadel-gateway.service`,
+    /// `restart citadel-gateway.service` restarted the gateway. Such a name is
+    /// refused as ambiguous; each full unit name still resolves to its unit.
+    #[test]
+    fn issue9_service_names_resolve_unambiguously() {
+        let models = vec![
+            ("phi3", "citadel-model@phi3.service".to_owned()),
+            (
+                "citadel-gateway.service",
+                "citadel-model@citadel-gateway.service.service".to_owned(),
+            ),
+        ];
+        let err = resolve_in(&models, &["citadel-gateway.service".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ambiguous"), "{err}");
+        assert!(
+            err.contains("citadel-model@citadel-gateway.service.service (the model name)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("citadel-gateway.service (the unit name)"),
+            "{err}"
+        );
+        assert_eq!(
+            resolve_in(
+                &models,
+                &["citadel-model@citadel-gateway.service.service".into()]
+            )
+            .unwrap(),
+            ["citadel-model@citadel-gateway.service.service"]
+        );
+        assert_eq!(
+            resolve_in(&models, &["gateway".into()]).unwrap(),
+            ["citadel-gateway.service"]
+        );
+        // A model named like a gateway alias is ambiguous too.
+        let models = vec![(
+            "api-gateway",
+            "citadel-model@api-gateway.service".to_owned(),
+        )];
+        assert!(resolve_in(&models, &["api-gateway".into()]).is_err());
     }
 }
