@@ -92,11 +92,21 @@ impl Report {
 
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.source.len());
+        let offset = self.floor_boundary(offset);
         let before = &self.source[..offset];
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
         (line, before[line_start..].chars().count() + 1)
+    }
+
+    /// `offset` moved back to a character boundary inside the source, so that a
+    /// span from anywhere never makes slicing panic.
+    fn floor_boundary(&self, offset: usize) -> usize {
+        let mut offset = offset.min(self.source.len());
+        while !self.source.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        offset
     }
 
     fn write_one(&self, f: &mut fmt::Formatter<'_>, d: &Diagnostic) -> fmt::Result {
@@ -111,7 +121,11 @@ impl Report {
                 writeln!(f, "  --> {}:{line}:{col}  ({})", self.file.display(), d.key)?;
                 let text = self.source.lines().nth(line - 1).unwrap_or("");
                 let width = line.to_string().len();
-                let span_len = self.source[span.clone()]
+                let (start, end) = (
+                    self.floor_boundary(span.start),
+                    self.floor_boundary(span.end.max(span.start)),
+                );
+                let span_len = self.source[start..end]
                     .lines()
                     .next()
                     .map_or(1, |l| l.chars().count().max(1));
