@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use citadel_config::{ConfigError, HostFacts, Loaded, Report, Settings};
+use citadel_config::{ConfigError, Diagnostic, HostFacts, Loaded, Report, Settings};
 
 use crate::analyze;
 use crate::control;
@@ -73,7 +73,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Render { out } => render(&ctx, out),
         Command::Validate { bin_dir } => validate(&ctx, bin_dir),
         Command::ReportFailure { unit } => report_failure(&unit),
-        Command::Install { dry_run, bin_dir } => with_settings(&ctx, |s| {
+        Command::Install { dry_run, bin_dir } => with_checked_settings(&ctx, |s| {
             let bin_dir = bin_dir.map_or_else(own_dir, Ok)?;
             block_on(crate::install::install(
                 &ctx.root,
@@ -92,16 +92,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             ))
         }
         Command::Start { services } => {
-            with_settings(&ctx, |s| block_on(control::jobs(s, "start", &services)))
+            with_checked_settings(&ctx, |s| block_on(control::jobs(s, "start", &services)))
         }
         Command::Stop { services } => {
             with_settings(&ctx, |s| block_on(control::jobs(s, "stop", &services)))
         }
         Command::Restart { services } => {
-            with_settings(&ctx, |s| block_on(control::jobs(s, "restart", &services)))
+            with_checked_settings(&ctx, |s| block_on(control::jobs(s, "restart", &services)))
         }
         Command::Reload { services } => {
-            with_settings(&ctx, |s| block_on(control::jobs(s, "reload", &services)))
+            with_checked_settings(&ctx, |s| block_on(control::jobs(s, "reload", &services)))
         }
         Command::Enable { services } => {
             with_settings(&ctx, |s| block_on(control::enable(s, &services, true)))
@@ -149,6 +149,144 @@ fn with_settings(ctx: &Ctx, f: impl FnOnce(&Settings) -> Result<ExitCode>) -> Re
     }
 }
 
+/// Like [`with_settings`], for commands that write or apply the config
+/// (`render`, `install`, `start`, `restart`, `reload`): runs [`checked`] first.
+fn with_checked_settings(
+    ctx: &Ctx,
+    f: impl FnOnce(&Settings) -> Result<ExitCode>,
+) -> Result<ExitCode> {
+    match checked(ctx)? {
+        Ok(loaded) => f(&loaded.settings),
+        Err(code) => Ok(code),
+    }
+}
+
+/// The checks every command that writes or applies anything runs before it
+/// does (issue 9, item 14: `install` used to skip what `validate` caught):
+/// the config's own validation, then the offline checks `validate` adds that
+/// need neither systemd nor the built binaries ([`offline_problems`]).
+/// Problems are printed as located diagnostics; the result is then exit 1.
+fn checked(ctx: &Ctx) -> Result<std::result::Result<Loaded, ExitCode>> {
+    let loaded = match ctx.load()? {
+        Ok(l) => l,
+        Err(report) => {
+            err!("{report}");
+            return Ok(Err(ExitCode::from(EXIT_INVALID)));
+        }
+    };
+    let source = std::fs::read_to_string(&ctx.config).unwrap_or_default();
+    let problems = offline_problems(&source, &loaded.settings);
+    if !problems.is_empty() {
+        let report = Report::new(
+            &ctx.config,
+            &source,
+            problems
+                .into_iter()
+                .chain(loaded.report.diagnostics.iter().cloned())
+                .collect(),
+        );
+        err!("{report}");
+        return Ok(Err(ExitCode::from(EXIT_INVALID)));
+    }
+    Ok(Ok(loaded))
+}
+
+/// Problems the config crate's validation may let through but that must never
+/// reach a unit file or a tmpfiles line: a control character (CR, LF, NUL, ...)
+/// in any key or string of the config, located at its place in the file, and,
+/// as a last line of defence, one in any rendered file (every line break there
+/// must be one the renderer wrote).
+pub fn offline_problems(source: &str, settings: &Settings) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    if let Ok(doc) = toml_edit::ImDocument::parse(source) {
+        control_chars_in_table(doc.as_table(), "", &mut out);
+    }
+    if out.is_empty() {
+        for f in &citadel_render::render(settings).files {
+            let bad = f
+                .contents
+                .split('\n')
+                .position(|l| l.chars().any(char::is_control));
+            if let Some(i) = bad {
+                out.push(
+                    Diagnostic::error(
+                        f.path.display().to_string(),
+                        format!(
+                            "the rendered {} would have a control character on line {}",
+                            f.path.display(),
+                            i + 1
+                        ),
+                    )
+                    .help(
+                        "remove control characters (CR, NUL, tabs, ...) from the config's values",
+                    ),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn control_char_diagnostic(
+    key: &str,
+    what: &str,
+    span: Option<std::ops::Range<usize>>,
+) -> Diagnostic {
+    Diagnostic::error(
+        key,
+        format!("{what} contains a control character (such as a line break, CR or NUL), which would split or corrupt the generated unit and tmpfiles lines"),
+    )
+    .at(span)
+    .help("remove it; values that reach systemd files must be one line of printable text")
+}
+
+fn control_chars_in_table(
+    table: &dyn toml_edit::TableLike,
+    prefix: &str,
+    out: &mut Vec<Diagnostic>,
+) {
+    for (name, item) in table.iter() {
+        let key = if prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        if name.chars().any(char::is_control) {
+            let span = table.get_key_value(name).and_then(|(k, _)| k.span());
+            out.push(control_char_diagnostic(&key, "this key", span));
+        }
+        control_chars_in_item(item, &key, out);
+    }
+}
+
+fn control_chars_in_item(item: &toml_edit::Item, key: &str, out: &mut Vec<Diagnostic>) {
+    match item {
+        toml_edit::Item::Value(v) => control_chars_in_value(v, key, out),
+        toml_edit::Item::Table(t) => control_chars_in_table(t, key, out),
+        toml_edit::Item::ArrayOfTables(a) => {
+            for (i, t) in a.iter().enumerate() {
+                control_chars_in_table(t, &format!("{key}[{i}]"), out);
+            }
+        }
+        toml_edit::Item::None => {}
+    }
+}
+
+fn control_chars_in_value(value: &toml_edit::Value, key: &str, out: &mut Vec<Diagnostic>) {
+    match value {
+        toml_edit::Value::String(s) if s.value().chars().any(char::is_control) => {
+            out.push(control_char_diagnostic(key, "this value", value.span()));
+        }
+        toml_edit::Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                control_chars_in_value(v, &format!("{key}[{i}]"), out);
+            }
+        }
+        toml_edit::Value::InlineTable(t) => control_chars_in_table(t, key, out),
+        _ => {}
+    }
+}
+
 fn block_on<T>(fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -183,12 +321,9 @@ fn init(ctx: &Ctx, example: &str) -> Result<ExitCode> {
 }
 
 fn render(ctx: &Ctx, out: Option<PathBuf>) -> Result<ExitCode> {
-    let loaded = match ctx.load()? {
+    let loaded = match checked(ctx)? {
         Ok(l) => l,
-        Err(report) => {
-            err!("{report}");
-            return Ok(ExitCode::from(EXIT_INVALID));
-        }
+        Err(code) => return Ok(code),
     };
     if !loaded.report.is_empty() {
         err!("{}", loaded.report);
@@ -226,13 +361,12 @@ fn render(ctx: &Ctx, out: Option<PathBuf>) -> Result<ExitCode> {
 }
 
 fn validate(ctx: &Ctx, bin_dir: Option<PathBuf>) -> Result<ExitCode> {
-    let loaded = match ctx.load()? {
+    let loaded = match checked(ctx)? {
         Ok(l) => l,
-        Err(report) => {
-            err!("{report}");
+        Err(code) => {
             outln!("config   {}: invalid", ctx.config.display())?;
             outln!("validate: FAILED")?;
-            return Ok(ExitCode::from(EXIT_INVALID));
+            return Ok(code);
         }
     };
     let s = &loaded.settings;

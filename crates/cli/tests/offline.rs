@@ -223,3 +223,67 @@ fn issue9_broken_pipe_render_into_a_closed_stdout_exits_0() {
         .path("/opt/citadel/config/systemd/citadel-gateway.service")
         .is_file());
 }
+
+/// Issue 9, item 14: `install` did not validate; a `\r` or `\0` in an env value
+/// and a newline in `paths.home` (an arbitrary tmpfiles.d line applied as root)
+/// went straight through. Every command that writes or applies the config runs
+/// `validate`'s offline checks first and refuses with exit 1 and a located
+/// diagnostic, writing nothing.
+#[test]
+fn issue9_install_and_render_validate_first() {
+    let cases = [
+        (
+            "[models.phi3]\nport = 11403\nengine = \"sim\"\nenv = { FOO = \"a\\rb\" }\n",
+            ":4:",
+        ),
+        (
+            "[models.phi3]\nport = 11403\nengine = \"sim\"\nenv = { FOO = \"a\\u0000b\" }\n",
+            ":4:",
+        ),
+        (
+            "[paths]\nhome = \"/opt/x\\nd /etc/evil 0777 root root -\"\n[models.phi3]\nport = 11403\nengine = \"sim\"\n",
+            ":2:",
+        ),
+    ];
+    let bin = harness::bin();
+    let bin_dir = std::path::Path::new(bin)
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    for (config, place) in cases {
+        let cli = Cli::new();
+        cli.write_config(config);
+        for args in [
+            &["render"][..],
+            &["install", "--dry-run", "--bin-dir", bin_dir][..],
+        ] {
+            let out = cli.run(args);
+            out.expect_code(1);
+            let err = out.stderr();
+            // The config crate's own check or the CLI's: either names the place.
+            assert!(err.contains("error:"), "{args:?}: {err}");
+            let at = format!("{}{place}", cli.config_path().display());
+            assert!(err.contains(&at), "{args:?}: no {at} in {err}");
+        }
+        let written: Vec<_> = walk(cli.root())
+            .into_iter()
+            .filter(|p| *p != cli.config_path())
+            .collect();
+        assert!(written.is_empty(), "{config:?} wrote {written:?}");
+    }
+}
+
+/// Every file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
