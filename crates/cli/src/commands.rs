@@ -336,6 +336,8 @@ fn render(ctx: &Ctx, out: Option<PathBuf>) -> Result<ExitCode> {
         .map(|f| (out.join(&f.path), f.contents.clone()))
         .collect();
     let mut changes = fsutil::plan(&files);
+    // An operator's file where a rendered one goes: refuse before writing anything.
+    fsutil::refuse_conflicts(&changes)?;
     // Files Citadel rendered before that the config no longer produces (a removed model).
     changes.removed = fsutil::generated_files(&out, 2)
         .into_iter()

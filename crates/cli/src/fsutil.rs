@@ -31,19 +31,50 @@ pub struct Changes {
     pub changed: Vec<PathBuf>,
     pub removed: Vec<PathBuf>,
     pub unchanged: usize,
+    /// Files in the way: they exist, differ, and Citadel did not write them
+    /// (no [`citadel_render::GENERATED_MARK`]). Never written; see [`refuse_conflicts`].
+    pub conflicts: Vec<PathBuf>,
 }
 
-/// Plans writing `files` (target path, contents): which are new, which differ.
+/// Plans writing `files` (target path, contents): which are new, which differ,
+/// and which are in the way (exist without Citadel's header: an operator's file).
 pub fn plan(files: &[(PathBuf, String)]) -> Changes {
     let mut c = Changes::default();
     for (path, contents) in files {
-        match fs::read_to_string(path) {
-            Ok(old) if old == *contents => c.unchanged += 1,
-            Ok(_) => c.changed.push(path.clone()),
-            Err(_) => c.added.push(path.clone()),
+        match fs::read(path) {
+            Ok(old) if old == contents.as_bytes() => c.unchanged += 1,
+            Ok(old) if old.starts_with(citadel_render::GENERATED_MARK.as_bytes()) => {
+                c.changed.push(path.clone());
+            }
+            Ok(_) => c.conflicts.push(path.clone()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => c.added.push(path.clone()),
+            // Unreadable (a directory, no permission): not ours to replace either.
+            Err(_) => c.conflicts.push(path.clone()),
         }
     }
     c
+}
+
+/// Fails, naming every conflicting file and what to do, when `changes` has
+/// conflicts. Called before anything is written, so a refusal changes nothing.
+pub fn refuse_conflicts(changes: &Changes) -> Result<()> {
+    if changes.conflicts.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = changes
+        .conflicts
+        .iter()
+        .map(|p| format!("  {}", p.display()))
+        .collect();
+    anyhow::bail!(
+        "nothing was changed: {} file(s) where Citadel renders its own are not Citadel's \
+         (they do not start with `{}`), and Citadel never overwrites a file it did not write:\n{}\n\
+         Move each aside or delete it (local changes to a unit belong in a drop-in, \
+         e.g. `citadel-gateway.service.d/override.conf`), then run this again.",
+        changes.conflicts.len(),
+        citadel_render::GENERATED_MARK.trim_end(),
+        list.join("\n")
+    )
 }
 
 /// Writes what [`plan`] found new or changed, atomically, one file at a time.

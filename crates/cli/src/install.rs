@@ -57,7 +57,7 @@ pub fn plan(
     if fs::canonicalize(config).ok() != fs::canonicalize(&config_target).ok() {
         let text = fs::read_to_string(config)
             .with_context(|| format!("cannot read {}", config.display()))?;
-        files.push((config_target, text, 0o640));
+        files.push((config_target.clone(), text, 0o640));
     }
     for f in &rendered.files {
         files.push((render_dir.join(&f.path), f.contents.clone(), 0o644));
@@ -68,6 +68,12 @@ pub fn plan(
         .map(|(p, c, _)| (p.clone(), c.clone()))
         .collect();
     let mut changes = fsutil::plan(&pairs);
+    // The config copy is the operator's file by design: installing it replaces the old copy.
+    if let Some(i) = changes.conflicts.iter().position(|p| *p == config_target) {
+        changes.changed.push(changes.conflicts.remove(i));
+    }
+    // An operator's file where a rendered one goes: refuse before writing anything.
+    fsutil::refuse_conflicts(&changes)?;
     // Generated files no longer rendered: in the unit directory and our render directory.
     for dir in [unit_dir(root), render_dir.clone()] {
         for stale in fsutil::generated_files(&dir, 1) {

@@ -287,3 +287,55 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Issue 9, item 8: `render` overwrote a hand-written file at a rendered path
+/// (reported as `changed`). Now it refuses, names the file and what to do,
+/// exits 2 and writes nothing at all, not even the files without a conflict.
+#[test]
+fn issue9_operator_files_are_never_overwritten_by_render() {
+    let cli = Cli::new();
+    cli.write_config(ONE_MODEL);
+    let dir = cli.path("/opt/citadel/config/systemd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mine = "[Unit]\nDescription=my own gateway\n";
+    std::fs::write(dir.join("citadel-gateway.service"), mine).unwrap();
+    let out = cli.run(&["render"]);
+    out.expect_code(2);
+    let err = out.stderr();
+    assert!(
+        err.contains(&dir.join("citadel-gateway.service").display().to_string()),
+        "{err}"
+    );
+    assert!(err.contains("nothing was changed"), "{err}");
+    assert!(err.contains("Move each aside"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("citadel-gateway.service")).unwrap(),
+        mine
+    );
+    assert!(!dir.join("citadel.target").exists(), "half-applied render");
+}
+
+/// Issue 9, item 8, for `install`: an operator's file at an installed path
+/// (here the gateway's unit in /etc/systemd/system) stops the install before
+/// anything happens; `--dry-run` reports the same refusal.
+#[test]
+fn issue9_operator_files_are_never_overwritten_by_install() {
+    let cli = Cli::new();
+    cli.write_config(ONE_MODEL);
+    let unit = cli.path("/etc/systemd/system/citadel-gateway.service");
+    std::fs::create_dir_all(unit.parent().unwrap()).unwrap();
+    let mine = "[Service]\nExecStart=/usr/local/bin/my-gateway\n";
+    std::fs::write(&unit, mine).unwrap();
+    let bin = harness::bin();
+    let bin_dir = std::path::Path::new(bin)
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let out = cli.run(&["install", "--dry-run", "--bin-dir", bin_dir]);
+    out.expect_code(2);
+    let err = out.stderr();
+    assert!(err.contains(&unit.display().to_string()), "{err}");
+    assert!(err.contains("nothing was changed"), "{err}");
+    assert_eq!(std::fs::read_to_string(&unit).unwrap(), mine);
+}
