@@ -23,9 +23,10 @@ mod proxy;
 mod routes;
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -59,6 +60,9 @@ pub(crate) struct Shared {
     /// on `/health`, so a client (`citadel-systemd reload`) can wait for one.
     pub(crate) reloads: AtomicU64,
     pub(crate) last_reload_failed: AtomicBool,
+    /// Why the last reload was rejected (one line), shown in STATUS= until a
+    /// reload succeeds.
+    last_reload_error: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -75,6 +79,103 @@ impl Shared {
             Err(p) => *p.into_inner() = t,
         }
     }
+    fn last_reload_error(&self) -> Option<String> {
+        match self.last_reload_error.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+    /// Records a completed SIGHUP reload for `/health` and STATUS=. The count
+    /// goes up last, so a client that sees it sees the outcome too.
+    fn record_reload(&self, res: &Result<(), StartError>) {
+        let err = res.as_ref().err().map(one_line_cause);
+        match self.last_reload_error.lock() {
+            Ok(mut g) => *g = err,
+            Err(p) => *p.into_inner() = err,
+        }
+        self.last_reload_failed.store(res.is_err(), SeqCst);
+        self.reloads.fetch_add(1, SeqCst);
+    }
+    /// Applies a prepared configuration: swaps the table, starts probers for
+    /// new backends and stops those of removed ones. Cannot fail.
+    fn commit(self: &Arc<Self>, prepared: Prepared) {
+        let (table, backends) = prepared.built.commit();
+        self.set_table(table);
+        for b in backends {
+            routes::spawn_prober(self.clone(), b);
+        }
+        self.status_changed.notify_one();
+    }
+}
+
+/// New settings turned into a routing table, not yet in use.
+struct Prepared {
+    built: routes::Built,
+    models: usize,
+}
+
+/// The message of a panic payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}
+
+/// Runs `f`; a panic inside it (a bug in loading, validating or building the
+/// table) becomes a config error naming `source`, so that a config the code
+/// did not foresee is refused like any other bad config instead of taking the
+/// gateway down (exit 78 at start, the old config kept on reload).
+fn guarded<T>(source: &Path, f: impl FnOnce() -> Result<T, StartError>) -> Result<T, StartError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => Err(StartError::Config(format!(
+            "{}: the configuration could not be loaded: internal error ({}); \
+             this is a bug in Citadel, please report it with the config",
+            source.display(),
+            panic_message(&*payload)
+        ))),
+    }
+}
+
+/// Reads keys and builds the table from `settings`, changing nothing yet.
+fn prepare(
+    shared_keys: &KeySource,
+    old: Option<&Table>,
+    settings: &citadel_config::Settings,
+) -> Result<Prepared, StartError> {
+    let auth = load_auth(settings, shared_keys, old.and_then(|t| t.auth.as_ref()))?;
+    let built = Table::build(settings, auth, old);
+    Ok(Prepared {
+        built,
+        models: settings.models.len(),
+    })
+}
+
+/// One line for STATUS=: the error's first line and, when the message has one,
+/// its first `--> FILE:LINE:COL` location; control characters removed and
+/// the length bounded (sd_notify is line-based).
+fn one_line_cause(e: &StartError) -> String {
+    let text = e.to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("unknown error");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let loc = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("--> "))
+        .and_then(|l| l.split_whitespace().next());
+    let s = match loc {
+        Some(loc) if !first.contains(loc) => format!("{loc}: {first}"),
+        _ => first.to_owned(),
+    };
+    let mut out: String = s.chars().filter(|c| !c.is_control()).take(240).collect();
+    if s.chars().count() > 240 {
+        out.push_str("...");
+    }
+    out
 }
 
 fn upstream_client() -> UpstreamClient {
@@ -140,8 +241,8 @@ pub async fn start(
     keys: KeySource,
     listener: TcpListener,
 ) -> Result<Server, StartError> {
-    let auth = load_auth(settings, &keys, None)?;
-    let (table, backends) = Table::build(settings, auth, None);
+    let prepared = guarded(&settings.source, || prepare(&keys, None, settings))?;
+    let (table, backends) = prepared.built.commit();
     let addr = listener.local_addr().map_err(|source| StartError::Io {
         context: "cannot read the listening address".into(),
         source,
@@ -158,6 +259,7 @@ pub async fn start(
         keys,
         reloads: AtomicU64::new(0),
         last_reload_failed: AtomicBool::new(false),
+        last_reload_error: Mutex::new(None),
     });
     for b in backends {
         routes::spawn_prober(shared.clone(), b);
@@ -180,9 +282,16 @@ fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
+/// STATUS=: what serves, and while the last reload was rejected, that the
+/// previous configuration is still in use and why.
 fn status_line(shared: &Shared) -> String {
     let (ready, total) = shared.table().ready_count();
-    format!("serving {ready}/{total} models")
+    match shared.last_reload_error() {
+        None => format!("serving {ready}/{total} models"),
+        Some(cause) => format!(
+            "serving {ready}/{total} models; reload rejected, still using the previous configuration: {cause}"
+        ),
+    }
 }
 
 async fn accept_loop(
@@ -268,25 +377,59 @@ impl Server {
     }
 
     /// Applies new settings (models, replicas, aliases, keys, limits) without
-    /// dropping connections. On error the old configuration stays.
+    /// dropping connections. On error (a panic included) the old configuration
+    /// stays, untouched.
     pub fn reload(&self, settings: &citadel_config::Settings) -> Result<(), StartError> {
         let old = self.shared.table();
-        if old.gateway.listen != settings.gateway.listen
-            || old.gateway.port != settings.gateway.port
-        {
+        let prepared = guarded(&settings.source, || {
+            prepare(&self.shared.keys, Some(&old), settings)
+        })?;
+        self.apply(&old, &settings.gateway, prepared);
+        Ok(())
+    }
+
+    fn apply(&self, old: &Table, new: &citadel_config::Gateway, prepared: Prepared) {
+        if old.gateway.listen != new.listen || old.gateway.port != new.port {
             tracing::warn!(
                 "gateway.listen/gateway.port changed: a restart is needed to apply them"
             );
         }
-        let auth = load_auth(settings, &self.shared.keys, old.auth.as_ref())?;
-        let (table, backends) = Table::build(settings, auth, Some(&old));
-        self.shared.set_table(table);
-        for b in backends {
-            routes::spawn_prober(self.shared.clone(), b);
-        }
+        let models = prepared.models;
+        self.shared.commit(prepared);
+        tracing::info!(models, "configuration reloaded");
+    }
+
+    /// The SIGHUP reload: loads and validates `config` and builds the new
+    /// table off the async workers; whatever goes wrong (unreadable file,
+    /// syntax or validation error, missing keys, a panic in any of it) leaves
+    /// the old configuration serving. The outcome is counted on `/health`
+    /// and, while the last reload was rejected, shown in [`Server::status`].
+    pub async fn reload_from(&self, config: &Path) -> Result<(), StartError> {
+        let old = self.shared.table();
+        let shared = self.shared.clone();
+        let path = config.to_owned();
+        let old2 = old.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            guarded(&path, || {
+                let settings = load_config(&path)?;
+                let prepared = prepare(&shared.keys, Some(&old2), &settings)?;
+                Ok((settings.gateway, prepared))
+            })
+        });
+        let res = match task.await {
+            Ok(Ok((gateway, prepared))) => {
+                self.apply(&old, &gateway, prepared);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(StartError::Config(format!(
+                "{}: the reload did not complete: {e}",
+                config.display()
+            ))),
+        };
+        self.shared.record_reload(&res);
         self.shared.status_changed.notify_one();
-        tracing::info!(models = settings.models.len(), "configuration reloaded");
-        Ok(())
+        res
     }
 
     /// Stops accepting, lets in-flight requests and streams finish up to
@@ -318,6 +461,7 @@ pub struct ServiceOptions {
     pub listen: Option<SocketAddr>,
 }
 
+/// Loads and validates the config file; every error names the file.
 fn load_config(path: &Path) -> Result<citadel_config::Settings, StartError> {
     match citadel_config::load(path) {
         Ok(l) => {
@@ -326,7 +470,15 @@ fn load_config(path: &Path) -> Result<citadel_config::Settings, StartError> {
             }
             Ok(l.settings)
         }
-        Err(e) => Err(StartError::Config(e.to_string())),
+        Err(e) => {
+            let msg = e.to_string();
+            let shown = path.display().to_string();
+            Err(StartError::Config(if msg.contains(&shown) {
+                msg
+            } else {
+                format!("{shown}: {msg}")
+            }))
+        }
     }
 }
 
@@ -340,7 +492,7 @@ pub async fn run_service(opts: ServiceOptions) -> Result<(), StartError> {
         let context = context.to_owned();
         move |source| StartError::Io { context, source }
     };
-    let settings = load_config(&opts.config)?;
+    let settings = guarded(&opts.config, || load_config(&opts.config))?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(io("cannot handle SIGTERM"))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(io("cannot handle SIGINT"))?;
     let mut sighup = signal(SignalKind::hangup()).map_err(io("cannot handle SIGHUP"))?;
@@ -371,16 +523,14 @@ pub async fn run_service(opts: ServiceOptions) -> Result<(), StartError> {
                     Err(_) => notify(&[NotifyState::Reloading]),
                 }
                 tracing::info!(config = %opts.config.display(), "SIGHUP: reloading configuration");
-                let res = load_config(&opts.config).and_then(|s| server.reload(&s));
-                if let Err(e) = &res {
-                    tracing::error!(error = %e, "reload failed; keeping the previous configuration");
+                if let Err(e) = server.reload_from(&opts.config).await {
+                    tracing::error!(
+                        config = %opts.config.display(),
+                        "reload failed: the new configuration of {} was rejected; still serving the previous configuration\n{e}",
+                        opts.config.display()
+                    );
                 }
-                server.shared.last_reload_failed.store(res.is_err(), Relaxed);
-                server.shared.reloads.fetch_add(1, Relaxed);
-                let status = match res {
-                    Ok(()) => server.status(),
-                    Err(_) => format!("{} (last reload failed)", server.status()),
-                };
+                let status = server.status();
                 notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
             }
         }
@@ -391,4 +541,36 @@ pub async fn run_service(opts: ServiceOptions) -> Result<(), StartError> {
     let drained = server.shutdown(deadline).await;
     tracing::info!(drained, "stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 9, finding 3 (defence in depth): a panic while loading or
+    /// validating a config is a config error naming the file (exit 78 at
+    /// start, the old config kept on reload), never a dead gateway.
+    #[test]
+    fn issue9_config_panic_is_a_config_error_naming_the_file() {
+        let r: Result<(), StartError> = guarded(Path::new("/etc/citadel.toml"), || {
+            panic!("cannot convert float seconds to Duration")
+        });
+        let e = r.unwrap_err();
+        assert_eq!(e.exit_code(), StartError::EXIT_CONFIG);
+        let msg = e.to_string();
+        assert!(msg.starts_with("/etc/citadel.toml: "), "{msg}");
+        assert!(msg.contains("cannot convert float seconds"), "{msg}");
+    }
+
+    #[test]
+    fn issue9_status_cause_is_one_bounded_line_with_the_location() {
+        let e = StartError::Config(
+            "error: invalid type\n  --> /etc/c.toml:2:8  ()\n  |\n2 | port = \"x\"\n".into(),
+        );
+        assert_eq!(one_line_cause(&e), "/etc/c.toml:2:8: invalid type");
+        let long = StartError::Config(format!("a\u{7}b{}", "x".repeat(1000)));
+        let s = one_line_cause(&long);
+        assert!(s.starts_with("abxx") && s.chars().count() <= 243, "{s}");
+        assert!(!s.contains('\n'));
+    }
 }

@@ -165,6 +165,26 @@ impl ModelRoute {
     }
 }
 
+/// A table built from new settings, not yet in use.
+pub struct Built {
+    pub table: Table,
+    /// Backends the old table did not have: they need a prober.
+    pub new_backends: Vec<Arc<Backend>>,
+    /// Backends of the old table that the new one drops.
+    pub retired: Vec<Arc<Backend>>,
+}
+
+impl Built {
+    /// Retires the dropped backends (their probers stop) and returns the
+    /// table and the backends that need a prober.
+    pub fn commit(self) -> (Table, Vec<Arc<Backend>>) {
+        for b in &self.retired {
+            b.retired.store(true, Relaxed);
+        }
+        (self.table, self.new_backends)
+    }
+}
+
 /// Everything a reload replaces.
 pub struct Table {
     pub gateway: citadel_config::Gateway,
@@ -176,11 +196,13 @@ pub struct Table {
 impl Table {
     /// Builds the table, reusing backends (and their health and in-flight
     /// state) from `old` when a model keeps the same URL and health path.
+    /// Changes nothing: the caller applies the result with [`Built::commit`]
+    /// only once the whole reload succeeded.
     pub fn build(
         settings: &citadel_config::Settings,
         auth: Option<crate::auth::Auth>,
         old: Option<&Table>,
-    ) -> (Table, Vec<Arc<Backend>>) {
+    ) -> Built {
         let mut existing: HashMap<(String, String, String), Arc<Backend>> = HashMap::new();
         if let Some(old) = old {
             for m in &old.models {
@@ -228,18 +250,16 @@ impl Table {
             by_name.insert(name, route.clone());
             models.push(route);
         }
-        for (_, b) in existing {
-            b.retired.store(true, Relaxed);
-        }
-        (
-            Table {
+        Built {
+            table: Table {
                 gateway: settings.gateway.clone(),
                 models,
                 by_name,
                 auth,
             },
             new_backends,
-        )
+            retired: existing.into_values().collect(),
+        }
     }
 
     pub fn ready_count(&self) -> (usize, usize) {

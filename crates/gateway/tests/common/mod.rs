@@ -240,3 +240,159 @@ pub async fn wait_backend_state(
     )
     .await
 }
+
+// --- The real binary -------------------------------------------------------
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_citadel-gateway");
+
+/// A running `citadel-gateway` process; killed on drop.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    /// Its stderr, line by line (also echoed to the test's output).
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn spawn_gateway(config: &Path, extra: &[&str]) -> Proc {
+    spawn_gateway_env(config, extra, &[])
+}
+
+/// Starts the binary on an ephemeral loopback port with `env` set, and waits
+/// for `listening on ADDR`.
+pub fn spawn_gateway_env(config: &Path, extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Proc {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config")
+        .arg(config)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn citadel-gateway");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[gateway] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("gateway did not print `listening on ADDR`");
+        };
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+            return Proc {
+                child,
+                addr,
+                lines: rx,
+            };
+        }
+    }
+}
+
+pub fn signal(p: &Proc, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([sig, &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+pub fn wait_exit(p: &mut Proc, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `NOTIFY_SOCKET` for the binary: every sd_notify datagram it sends.
+pub struct NotifySocket {
+    pub path: PathBuf,
+    rx: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl NotifySocket {
+    pub fn bind(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = sock.recv(&mut buf) {
+                if tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        NotifySocket {
+            path,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits until a datagram has a `STATUS=` line for which `f` holds; returns it.
+    pub fn wait_status(&mut self, timeout: Duration, f: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for d in &self.seen {
+                for l in d.lines() {
+                    if let Some(s) = l.strip_prefix("STATUS=") {
+                        if f(s) {
+                            return s.to_owned();
+                        }
+                    }
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(d) => self.seen.push(d),
+                Err(_) => panic!(
+                    "no matching STATUS= within {timeout:?}; got {:?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// Forgets what was received so far.
+    pub fn clear(&mut self) {
+        while let Ok(d) = self.rx.try_recv() {
+            self.seen.push(d);
+        }
+        self.seen.clear();
+    }
+}
