@@ -52,10 +52,21 @@ pub use supervise::{run, Outcome, RunOptions};
 pub const EXIT_OK: u8 = 0;
 /// The engine exited or never became ready (`EX_UNAVAILABLE`).
 pub const EXIT_UNAVAILABLE: u8 = 69;
-/// Internal error (`EX_SOFTWARE`).
+/// Internal error (`EX_SOFTWARE`), including the death of the health prober.
 pub const EXIT_SOFTWARE: u8 = 70;
+/// Output could not be written (`EX_IOERR`; `command` only; a closed pipe is not an error).
+pub const EXIT_IOERR: u8 = 74;
 /// Config invalid or model unknown (`EX_CONFIG`; `RestartPreventExitStatus=78`).
 pub const EXIT_CONFIG: u8 = 78;
+
+/// `from + d`, saturating: a span too large for the clock (a config
+/// value out of range) becomes "a century from now", never a panic.
+pub(crate) fn later(from: std::time::Instant, d: std::time::Duration) -> std::time::Instant {
+    const CENTURY: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+    from.checked_add(d)
+        .or_else(|| from.checked_add(CENTURY))
+        .unwrap_or(from)
+}
 
 /// Errors of the supervisor itself (exit 70).
 #[derive(Debug, thiserror::Error)]

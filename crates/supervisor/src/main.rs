@@ -2,7 +2,15 @@
 //! systemd notify service. `citadel-model [--config PATH] command NAME`: print
 //! the engine command line and environment `run` would use. Exit statuses are
 //! documented in the library (`citadel_supervisor`).
+//!
+//! A closed stdout (`citadel-model command NAME | head -1`) is a normal end
+//! (exit 0), as in ripgrep: output is written with `writeln!` and a
+//! `BrokenPipe` error ends quietly; other write errors exit 74. Config
+//! loading maps every failure to 78, including a panic inside the loader
+//! (a bug, caught with `catch_unwind` so a bad value cannot become a restart
+//! loop of exit 101).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,7 +19,7 @@ use anyhow::Context;
 use citadel_config::{ConfigError, Settings};
 use citadel_supervisor::notify::Notifier;
 use citadel_supervisor::profile::{engine_command, EngineDirs};
-use citadel_supervisor::{RunOptions, EXIT_CONFIG, EXIT_SOFTWARE};
+use citadel_supervisor::{RunOptions, EXIT_CONFIG, EXIT_IOERR, EXIT_SOFTWARE};
 use clap::{Parser, Subcommand};
 use tracing::Instrument;
 
@@ -53,7 +61,11 @@ enum Cmd {
 }
 
 fn parse_span(s: &str) -> Result<Duration, String> {
-    citadel_config::units::Timespan::parse(s).map(|t| t.duration())
+    let d = citadel_config::units::Timespan::parse(s).map(|t| t.duration())?;
+    if d.is_zero() {
+        return Err("must be longer than 0".into());
+    }
+    Ok(d)
 }
 
 /// A failure with the exit status it maps to.
@@ -71,16 +83,52 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes `text` and a newline to stderr; a closed stderr is ignored
+/// (there is nowhere left to report it).
+fn to_stderr(text: &dyn std::fmt::Display) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
+/// Writes `text` to stdout; a closed pipe is a normal end (`Ok`).
+fn to_stdout(text: &dyn std::fmt::Display) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match write!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Failure(
+            EXIT_IOERR,
+            anyhow::Error::new(e).context("cannot write to stdout"),
+        )),
+    }
+}
+
 fn load(cli: &Cli) -> Result<Settings, Failure> {
-    match citadel_config::load(&cli.config) {
+    let path = cli.config.as_path();
+    // The loader must not panic on any input; if it does (a bug), the cause
+    // is still the config, so this is a config failure (78), not a crash (101).
+    let loaded = std::panic::catch_unwind(|| citadel_config::load(path)).map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Failure(
+            EXIT_CONFIG,
+            anyhow::anyhow!(
+                "{}: loading the config panicked (a bug in citadel-config; a value is likely out of range): {msg}",
+                path.display()
+            ),
+        )
+    })?;
+    match loaded {
         Ok(loaded) => {
             if !loaded.report.is_empty() {
-                eprintln!("{}", loaded.report);
+                to_stderr(&loaded.report);
             }
             Ok(loaded.settings)
         }
         Err(ConfigError::Invalid(report)) => {
-            eprintln!("{report}");
+            to_stderr(&report);
             Err(Failure(
                 EXIT_CONFIG,
                 anyhow::anyhow!("{} is invalid", cli.config.display()),
@@ -114,7 +162,7 @@ fn real_main(cli: Cli) -> Result<u8, Failure> {
     let cmd = engine_command(model, &dirs);
     match cli.command {
         Cmd::Command { .. } => {
-            print!("{cmd}");
+            to_stdout(&cmd)?;
             Ok(0)
         }
         Cmd::Run {

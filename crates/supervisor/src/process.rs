@@ -137,7 +137,7 @@ impl EngineProcess {
         let t0 = Instant::now();
         self.signal_group(Signal::SIGTERM);
         let mut killed = false;
-        if !self.wait_group_gone(t0 + grace, tick).await {
+        if !self.wait_group_gone(crate::later(t0, grace), tick).await {
             killed = true;
             self.signal_group(Signal::SIGKILL);
             if !self

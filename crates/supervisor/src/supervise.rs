@@ -1,4 +1,12 @@
 //! The supervision loop: launch, readiness, watchdog, stop.
+//!
+//! The health prober runs as its own task and never ends by itself; if it
+//! does (a panic, or an unexpected return), health is no longer known, so
+//! the loop treats that as fatal at once: no further `WATCHDOG=1`,
+//! `STATUS=failed: health prober failed: ...`, the engine is stopped with its
+//! grace period, and the run ends with [`Outcome::ProberFailed`] (exit 70,
+//! which `Restart=on-failure` restarts). Issue 9: a panicking prober used to
+//! leave the watchdog fed forever.
 
 use std::time::{Duration, Instant};
 
@@ -50,13 +58,19 @@ pub enum Outcome {
     /// Unhealthy for longer than `model.watchdog` with no systemd watchdog to
     /// act on it (outside systemd): exit 69.
     Unhealthy(String),
+    /// The health prober task died (panicked or returned): exit 70.
+    ProberFailed(String),
 }
 
 impl Outcome {
     pub fn exit_code(&self) -> u8 {
         match self {
             Outcome::Stopped => crate::EXIT_OK,
-            _ => crate::EXIT_UNAVAILABLE,
+            Outcome::ProberFailed(_) => crate::EXIT_SOFTWARE,
+            Outcome::SpawnFailed(_)
+            | Outcome::EngineExited(_)
+            | Outcome::NotReady(_)
+            | Outcome::Unhealthy(_) => crate::EXIT_UNAVAILABLE,
         }
     }
 }
@@ -68,8 +82,10 @@ enum ProbeEvent {
     Health(ProbeResult, Instant),
 }
 
+/// Probes until aborted; it returns only if the supervision loop is gone.
 async fn prober_loop(prober: Prober, every: Duration, tx: mpsc::Sender<ProbeEvent>) {
-    let mut tick = tokio::time::interval(every);
+    // A zero period would panic in `interval` (and busy-loop): at least 1 ms.
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -188,15 +204,19 @@ pub async fn run(
         );
     }
     let (tx, mut rx) = mpsc::channel(16);
-    let prober_task = tokio::spawn(prober_loop(prober, model.probe_interval.duration(), tx));
+    let mut prober_task = tokio::spawn(prober_loop(prober, model.probe_interval.duration(), tx));
 
     let now = tokio::time::Instant::now();
     let ping_every = wd.map_or(Duration::from_secs(3600), |w| {
         (w / 2).max(Duration::from_millis(10))
     });
     let mut wd_tick = interval_at(now, ping_every);
-    let mut extend_tick = interval_at(now + opts.extend_interval, opts.extend_interval);
-    let mut status_tick = interval_at(now + opts.status_interval, opts.status_interval);
+    let periodic = |every: Duration| {
+        let every = every.max(Duration::from_millis(1));
+        interval_at(crate::later(now.into_std(), every).into(), every)
+    };
+    let mut extend_tick = periodic(opts.extend_interval);
+    let mut status_tick = periodic(opts.status_interval);
     let mut reap_tick = interval_at(now + Duration::from_secs(1), Duration::from_secs(1));
     for t in [
         &mut wd_tick,
@@ -206,7 +226,10 @@ pub async fn run(
     ] {
         t.set_missed_tick_behavior(MissedTickBehavior::Delay);
     }
-    let deadline = sleep_until(tokio::time::Instant::from_std(t0 + start_timeout));
+    let deadline = sleep_until(tokio::time::Instant::from_std(crate::later(
+        t0,
+        start_timeout,
+    )));
     tokio::pin!(deadline);
 
     let mut phase = Phase::Loading {
@@ -229,6 +252,8 @@ pub async fn run(
                     break exited_or_stopping(&mut sigterm, &mut sigint, name, &engine, exit, notifier).await;
                 }
             }
+            // Before the watchdog tick: once the prober is gone, no more pings.
+            ended = &mut prober_task => break prober_ended(ended, notifier),
             _ = &mut deadline, if loading => {
                 let reason = match &phase { Phase::Loading { last_reason } => last_reason.clone(), _ => String::new() };
                 let msg = format!("{name} did not become ready within start_timeout {} (last probe: {reason})", model.start_timeout);
@@ -307,10 +332,12 @@ pub async fn run(
     if outcome == Outcome::Stopped {
         notifier.send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     }
+    // Without a prober nothing vouches for the engine: no pings while it stops.
+    let ping_while_stopping = wd.filter(|_| !matches!(outcome, Outcome::ProberFailed(_)));
     if engine.exit.is_none() || engine.group_alive() {
         let mut last_ping = Instant::now();
         let mut ping = || {
-            if let Some(w) = wd {
+            if let Some(w) = ping_while_stopping {
                 if last_ping.elapsed() >= w / 2 {
                     notifier.ping();
                     last_ping = Instant::now();
@@ -329,6 +356,32 @@ pub async fn run(
         }
     }
     Ok(outcome)
+}
+
+/// The prober task ended (it never should): says why on STATUS= and in the
+/// log, and gives the outcome that stops the engine and exits 70.
+fn prober_ended(ended: Result<(), tokio::task::JoinError>, notifier: &Notifier) -> Outcome {
+    let why = prober_failure(ended);
+    error!(reason = %why, "the health prober died; stopping the engine (health can no longer be checked)");
+    notifier.status(&format!("failed: {why}"));
+    Outcome::ProberFailed(why)
+}
+
+/// Why the prober task ended, for STATUS= and the log.
+fn prober_failure(ended: Result<(), tokio::task::JoinError>) -> String {
+    match ended {
+        Ok(()) => "health prober failed: it returned unexpectedly".to_owned(),
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            format!("health prober failed: panicked: {msg}")
+        }
+        Err(e) => format!("health prober failed: {e}"),
+    }
 }
 
 fn loading_status(name: &str, t0: Instant, phase: &Phase) -> String {
@@ -385,4 +438,45 @@ fn engine_exited(
     error!(exit = %exit, "{msg}");
     notifier.status(&format!("failed: {msg}"));
     Outcome::EngineExited(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 9, item 2: the death of the prober task (here a real panic in a
+    /// real task, caught by tokio as a `JoinError`) ends the run with an
+    /// outcome that exits non-zero, neither 0 (no restart) nor 78 (config,
+    /// never restarted), and names the panic.
+    #[tokio::test]
+    async fn issue9_prober_death_is_fatal() {
+        let panicked = tokio::spawn(async { panic!("boom in the prober") }).await;
+        let outcome = prober_ended(panicked, &Notifier::disabled());
+        match &outcome {
+            Outcome::ProberFailed(why) => {
+                assert_eq!(why, "health prober failed: panicked: boom in the prober")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(outcome.exit_code(), crate::EXIT_SOFTWARE);
+        assert_ne!(outcome.exit_code(), crate::EXIT_OK);
+        assert_ne!(outcome.exit_code(), crate::EXIT_CONFIG);
+
+        let formatted = tokio::spawn(async {
+            let n = 7;
+            panic!("chunk {n} too large");
+        })
+        .await;
+        assert_eq!(
+            prober_failure(formatted),
+            "health prober failed: panicked: chunk 7 too large"
+        );
+        assert_eq!(
+            prober_failure(Ok(())),
+            "health prober failed: it returned unexpectedly"
+        );
+        let handle = tokio::spawn(std::future::pending::<()>());
+        handle.abort();
+        assert!(prober_failure(handle.await).starts_with("health prober failed: "));
+    }
 }
