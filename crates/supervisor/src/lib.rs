@@ -20,7 +20,10 @@
 //!   continuously for longer than half the watchdog period (dated from the start
 //!   of the first failing probe) pings stop and systemd restarts the unit.
 //!   Without a systemd watchdog, an engine unhealthy for longer than
-//!   `model.watchdog` is stopped and the supervisor exits 69.
+//!   `model.watchdog` is stopped and the supervisor exits 69. The probe
+//!   client never panics and reads at most a bounded response
+//!   ([`probe::MAX_BODY`]); a malformed answer is a failed probe. If the
+//!   prober task dies anyway, pings stop at once and the run ends with exit 70.
 //! * **Stop**: on SIGTERM (or SIGINT) `STOPPING=1`, SIGTERM to the engine's
 //!   process group, up to `model.stop_timeout` for it to go, then SIGKILL. The
 //!   supervisor is a child subreaper, so descendants that leave the group are
@@ -32,8 +35,9 @@
 //! |---|---|---|
 //! | 0 | clean stop on SIGTERM/SIGINT | no restart |
 //! | 69 (`EX_UNAVAILABLE`) | the engine exited, could not be started, never became ready within `start_timeout`, or (without a systemd watchdog) stayed unhealthy | restart |
-//! | 70 (`EX_SOFTWARE`) | internal error of the supervisor | restart |
-//! | 78 (`EX_CONFIG`) | config invalid or model unknown | no restart |
+//! | 70 (`EX_SOFTWARE`) | internal error of the supervisor, including the death of its health prober (pings stop at once, `STATUS=failed: health prober failed: ...`, engine stopped) | restart |
+//! | 74 (`EX_IOERR`) | `command` could not write its output (a closed pipe is a normal end, exit 0) | — |
+//! | 78 (`EX_CONFIG`) | config invalid or model unknown, also a panic inside the config loader | no restart |
 //!
 //! Outside systemd, if the supervisor itself is killed with SIGKILL its engine
 //! is not stopped (PR_SET_PDEATHSIG would need `unsafe` in the child); under
