@@ -8,6 +8,24 @@
 //!   expand environment variables in resource directives.
 //! - Every file starts with a header naming its source and telling operators to
 //!   put local changes in drop-ins, which Citadel never writes or removes.
+//! - Configured strings reach a file only through the typed values of the
+//!   `writer` module (one gate): `Literal` for `Description=` and
+//!   `SyslogIdentifier=`, `Account` for `User=`/`Group=` and the owners in
+//!   sysusers.d/tmpfiles.d, `EnvAssignment` for `Environment=` and
+//!   `LogExtraFields=`, `ExecLine` for `ExecStart=`, `UnitPath` for
+//!   `ReadWritePaths=` and `DeviceAllow=`, `Credential` for `LoadCredential=`,
+//!   `TableField` for tmpfiles.d/sysusers.d columns, `Token` for typed numbers,
+//!   sizes and spans. Each quotes and escapes (`%%`, `$$` only in `ExecStart=`
+//!   arguments, C escapes only where systemd decodes them) exactly as systemd's
+//!   parser for that directive reads it; the table with the reasons is in
+//!   `writer.rs`. What cannot be written so that systemd reads it as meant
+//!   (a line break, NUL, a relative path, ...) is left out with a comment, and
+//!   an unusable `User=`/`Group=` fails closed ([`INVALID_ACCOUNT`]): no
+//!   configured string can add a line or a directive.
+//!   `tests/parse_back.rs` reads the files back the way systemd does and
+//!   checks this for arbitrary strings (proptest).
+//! - Span arithmetic saturates (`TimeoutStopSec=` is `stop_timeout + 15s`);
+//!   a span systemd cannot hold is rendered as `infinity`.
 
 mod units;
 mod writer;
@@ -17,6 +35,7 @@ use std::path::{Path, PathBuf};
 use citadel_config::Settings;
 
 pub use units::{hardening_exceptions, DROP_IN_NAME, FAILURE_UNIT, GENERATED_MARK};
+pub use writer::INVALID_ACCOUNT;
 
 /// What a rendered file is, which decides where it is installed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
