@@ -20,7 +20,7 @@ impl HostFacts {
         let mem_total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
             let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
             let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
+            kib.checked_mul(1024)
         });
         let gpus = std::fs::read_dir("/dev").ok().map(|dir| {
             let mut gpus: Vec<u32> = dir
@@ -44,17 +44,14 @@ impl HostFacts {
 pub fn check_host(settings: &Settings, facts: &HostFacts) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     if let Some(total) = facts.mem_total {
+        // Saturating: no number of models can make this overflow.
         let summed: u64 = settings
             .models
             .iter()
             .filter_map(|m| m.limits.memory_max)
+            .chain(settings.gateway.limits.memory_max)
             .map(ByteSize::bytes)
-            .sum::<u64>()
-            + settings
-                .gateway
-                .limits
-                .memory_max
-                .map_or(0, ByteSize::bytes);
+            .fold(0u64, u64::saturating_add);
         if summed > total {
             out.push(
                 Diagnostic::warning(

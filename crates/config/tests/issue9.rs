@@ -739,3 +739,16 @@ mod props {
         }
     }
 }
+
+/// Issue 9, item 3: deeply nested values are a syntax error, not a stack overflow.
+#[test]
+fn issue9_deeply_nested_values_do_not_overflow_the_stack() {
+    for (open, close) in [("[", "]"), ("{a=", "}")] {
+        let text = format!(
+            "{MINIMAL}args = {}{}\n",
+            open.repeat(100_000),
+            close.repeat(100_000)
+        );
+        assert!(parse(&text, Path::new(FILE)).is_err());
+    }
+}
