@@ -21,7 +21,7 @@
 //! | [`Credential`] | `LoadCredential=` | name: `extract_first_word(":", 0)` (backslash escapes, no quotes); path: the raw rest of the line | name `\`-escaped, path verbatim, both `%%`; the path must be absolute |
 //! | [`UnitNames`] | `Wants=`, `After=` | `extract_first_word(EXTRACT_RETAIN_ESCAPE)`, unit name specifiers | names from the unit name alphabet only |
 //! | [`Token`] | numbers, sizes, spans, addresses | literal | only characters no parser treats specially |
-//! | [`TableField`] | tmpfiles.d, sysusers.d columns | `extract_many_words(EXTRACT_UNQUOTE[\|EXTRACT_CUNESCAPE])`; specifiers in the path | quoted when needed, `%%` where specifiers expand |
+//! | [`TableField`] | tmpfiles.d, sysusers.d columns | `extract_many_words(EXTRACT_UNQUOTE)` (tmpfiles.d(5) promises C escapes, systemd 252 does not decode them in the path), specifiers in the path | quoted when needed, only `\\` and `\"` escaped (read alike with or without C escapes), `%%` |
 //!
 //! Rules that hold for every line: a line ends at `\n`, `\r` or NUL (systemd's
 //! `read_line`), so no value may contain one raw; a line ending in an
@@ -444,8 +444,8 @@ pub enum TableField {
     /// The renderer's own text (`d`, `0750`, `-`, `"Citadel LLM services"`).
     Fixed(&'static str),
     /// An absolute path: quoted when needed, `%` doubled (specifiers expand in
-    /// tmpfiles.d paths). C escapes are used only where the file has them
-    /// (tmpfiles.d); sysusers.d does not get paths from the configuration.
+    /// tmpfiles.d paths), only `\` and `"` escaped: a line break cannot be
+    /// written (tmpfiles.d has no continuation lines).
     Path(Result<String, Unwritable>),
     /// A user or group name ([`Account`] rules).
     Account(String),
@@ -466,7 +466,10 @@ impl TableField {
                 if !p.starts_with('/') {
                     return Err(Unwritable::NotAbsolute);
                 }
-                quote_word(&escape_specifiers(&p), Escapes::C)
+                // systemd 252's tmpfiles reads this column with EXTRACT_UNQUOTE
+                // alone (measured: `\x01` became `x01`); tmpfiles.d(5) speaks of C
+                // escapes. Only `\\` and `\"` read the same either way.
+                quote_word(&escape_specifiers(&p), Escapes::QuotesOnly)
             }
             TableField::Account(name) => Account::new(name.clone()).encode(),
             TableField::AutoIdWithGroup(group) => Account::new(group.clone())

@@ -709,10 +709,15 @@ fn check_tmpfiles(h: &Hostile, text: &str) -> Result<(), String> {
             ]
         })
         .collect();
-    // tmpfiles.c: extract_many_words(EXTRACT_UNQUOTE|EXTRACT_CUNESCAPE); specifiers in the path.
+    // tmpfiles.d(5) says fields may hold C escapes, but systemd 252 reads them
+    // with EXTRACT_UNQUOTE alone (`systemd-tmpfiles --root` made `\x01` into
+    // `x01`): the line must read the same both ways. Specifiers in the path.
     let mut got = Vec::new();
     for e in &entries {
-        let mut f = words(e, UNQUOTE_CUNESCAPE)?;
+        let mut f = words(e, UNQUOTE)?;
+        if f != words(e, UNQUOTE_CUNESCAPE)? {
+            return Err(format!("tmpfiles line {e:?} depends on C escape decoding"));
+        }
         if f.len() != 6 {
             return Err(format!("tmpfiles line {e:?} has {} fields", f.len()));
         }
@@ -731,7 +736,7 @@ fn check_tmpfiles(h: &Hostile, text: &str) -> Result<(), String> {
     for (w, (path, _, o, gr)) in want_fields.iter().zip(&want) {
         let path = path.to_string_lossy();
         let ok_name = |n: &str| n == "root" || sysusers_name_ok(n);
-        let writable = path.starts_with('/') && !path.contains('\0') && ok_name(o) && ok_name(gr);
+        let writable = path.starts_with('/') && !has_line_break(&path) && ok_name(o) && ok_name(gr);
         if writable && !got.contains(w) {
             return Err(format!("writable tmpfiles line {w:?} was left out"));
         }
@@ -744,6 +749,9 @@ fn check_sysusers(h: &Hostile, text: &str) -> Result<(), String> {
     // sysusers.c: extract_many_words(EXTRACT_UNQUOTE); specifiers in the names.
     let mut got = Vec::new();
     for e in &entries {
+        if words(e, UNQUOTE)? != words(e, UNQUOTE_CUNESCAPE)? {
+            return Err(format!("sysusers line {e:?} depends on C escape decoding"));
+        }
         let f: Vec<String> = words(e, UNQUOTE)?
             .iter()
             .map(|w| unspecifier(w))
@@ -860,7 +868,7 @@ fn issue9_unit_file_injection_models_path_with_space_stays_one_path() {
     let (entries, _) = table_lines(tmpfiles);
     let models_line: Vec<Vec<String>> = entries
         .iter()
-        .map(|e| words(e, UNQUOTE_CUNESCAPE).unwrap())
+        .map(|e| words(e, UNQUOTE).unwrap())
         .filter(|w| w.get(1).is_some_and(|p| p.starts_with("/srv/")))
         .collect();
     assert_eq!(
@@ -880,7 +888,7 @@ fn issue9_unit_file_injection_percent_is_not_a_specifier() {
     let rendered = render(&h.apply());
     let tmpfiles = &rendered.file("tmpfiles.d/citadel.conf").unwrap().contents;
     let (entries, _) = table_lines(tmpfiles);
-    let first = words(&entries[0], UNQUOTE_CUNESCAPE).unwrap();
+    let first = words(&entries[0], UNQUOTE).unwrap();
     assert_eq!(unspecifier(&first[1]).unwrap(), "/srv/50%t");
     let drop_in = &rendered
         .file("citadel-model@m.service.d/50-citadel.conf")
