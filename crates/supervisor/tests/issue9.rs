@@ -238,7 +238,6 @@ fn issue9_config_out_of_range_exits_78() {
 
 /// Issue 9, item 3: the out-of-range value is a diagnostic naming file:line.
 #[test]
-#[ignore = "needs config fix"]
 fn issue9_config_out_of_range_is_a_diagnostic_with_location() {
     let dir = tempfile::tempdir().unwrap();
     let out = run_config(&config_file(&dir, OUT_OF_RANGE));
