@@ -14,6 +14,7 @@ use citadel_render::{FileKind, Rendered};
 
 use crate::commands::rooted;
 use crate::fsutil::{self, Changes};
+use crate::owned;
 use crate::systemd::{ensure_booted, Systemd};
 
 /// Citadel's binaries, installed into `/opt/citadel/bin`.
@@ -173,6 +174,21 @@ impl Plan {
     }
 }
 
+/// Whether `root` is the running system's root: only then does Citadel talk
+/// to systemd; below any other root everything is done offline, with `--root`.
+pub fn is_live(root: &Path) -> bool {
+    fs::canonicalize(root).is_ok_and(|p| p == Path::new("/"))
+}
+
+/// `--root=DIR` for systemd's tools when not operating on the live system.
+fn root_flag(root: &Path) -> Option<std::ffi::OsString> {
+    (!is_live(root)).then(|| {
+        let mut flag = std::ffi::OsString::from("--root=");
+        flag.push(root.as_os_str());
+        flag
+    })
+}
+
 pub async fn install(
     root: &Path,
     config: &Path,
@@ -181,41 +197,77 @@ pub async fn install(
     dry_run: bool,
 ) -> Result<ExitCode> {
     let started = Instant::now();
+    let live = is_live(root);
     if !dry_run {
-        ensure_booted()?;
+        if live {
+            ensure_booted()?;
+        }
         if !nix_is_root() {
             bail!("install changes /etc and /opt/citadel: run it as root");
         }
     }
     let rendered = citadel_render::render(settings);
     let plan = plan(root, config, settings, &rendered, bin_dir)?;
+    // Directories: refuse to take over one Citadel did not create, before anything changes.
+    let previous = owned::Manifest::load(root)?;
+    let config_target = rooted(root, &settings.paths.config_dir().join("citadel.toml"));
+    let api_keys = rooted(root, &settings.gateway.api_keys_file);
+    let ours: std::collections::BTreeSet<PathBuf> = plan
+        .files
+        .iter()
+        .map(|(p, _, _)| p.clone())
+        .chain(plan.binaries.iter().map(|(_, t)| t.clone()))
+        .chain([config_target.clone(), api_keys.clone()])
+        .collect();
+    let dirs = owned::plan_dirs(root, settings, previous.as_ref(), &ours);
+    if !dirs.refusals.is_empty() {
+        bail!("nothing was changed: {}", dirs.refusals.join("\n  "));
+    }
     outln!("{}install plan:", if dry_run { "dry run: " } else { "" })?;
     plan.print()?;
     if dry_run {
         return Ok(ExitCode::SUCCESS);
     }
 
+    // Record what Citadel is about to create before creating it.
+    let mut manifest = previous.clone().unwrap_or_default();
+    manifest.version = 1;
+    manifest.created_dirs.extend(dirs.created.iter().cloned());
+    manifest
+        .preexisting_dirs
+        .extend(dirs.preexisting.iter().cloned());
+    let (user, group) = (&settings.service.user, &settings.service.group);
+    if owned::id_of(root, "passwd", user).is_none() {
+        manifest.created_user = Some(user.clone());
+    }
+    if owned::id_of(root, "group", group).is_none() {
+        manifest.created_group = Some(group.clone());
+    }
+    manifest.save(root)?;
+
     // Users and directories first, so files can be given their owners.
     let sysusers = rendered
         .files
         .iter()
         .find(|f| f.kind == FileKind::Sysusers)
-        .expect("rendered");
+        .context("the renderer always writes a sysusers.d entry")?;
     let tmpfiles = rendered
         .files
         .iter()
         .find(|f| f.kind == FileKind::Tmpfiles)
-        .expect("rendered");
+        .context("the renderer always writes a tmpfiles.d entry")?;
+    let flag = root_flag(root);
     write_if_changed(&sysusers.install_path(root), &sysusers.contents)?;
-    run_tool(
-        "systemd-sysusers",
-        &[sysusers.install_path(root).as_os_str()],
-    )?;
+    let mut args: Vec<&std::ffi::OsStr> = flag.iter().map(|f| f.as_os_str()).collect();
+    let sysusers_path = sysusers.install_path(root);
+    args.push(sysusers_path.as_os_str());
+    run_tool("systemd-sysusers", &args)?;
     write_if_changed(&tmpfiles.install_path(root), &tmpfiles.contents)?;
-    run_tool(
-        "systemd-tmpfiles",
-        &["--create".as_ref(), tmpfiles.install_path(root).as_os_str()],
-    )?;
+    let mut args: Vec<&std::ffi::OsStr> = flag.iter().map(|f| f.as_os_str()).collect();
+    let tmpfiles_path = tmpfiles.install_path(root);
+    args.push("--create".as_ref());
+    args.push(tmpfiles_path.as_os_str());
+    run_tool("systemd-tmpfiles", &args)?;
 
     for (source, target) in &plan.binaries {
         if plan.binaries_changed.contains(target) {
@@ -231,7 +283,6 @@ pub async fn install(
         .collect();
     fsutil::apply(&pairs, &plan.changes)?;
     // The services read the config as group `citadel`; nobody else may.
-    let config_target = rooted(root, &settings.paths.config_dir().join("citadel.toml"));
     fs::set_permissions(
         &config_target,
         std::os::unix::fs::PermissionsExt::from_mode(0o640),
@@ -249,11 +300,35 @@ pub async fn install(
             settings.service.group
         )
     })?;
-    if settings.gateway.auth {
-        ensure_api_key(&rooted(root, &settings.gateway.api_keys_file))?;
+    let logical = |p: &Path| Path::new("/").join(p.strip_prefix(root).unwrap_or(p));
+    if settings.gateway.auth && ensure_api_key(&api_keys)? {
+        manifest.files.insert(logical(&api_keys));
     }
+    // What Citadel wrote, for `uninstall --purge`.
+    for p in ours.iter().filter(|p| **p != api_keys) {
+        manifest.files.insert(logical(p));
+    }
+    for p in &plan.changes.removed {
+        manifest.files.remove(&logical(p));
+    }
+    manifest.save(root)?;
     let files_done = started.elapsed();
 
+    if !live {
+        // Not the running system: enable offline; nothing to reload or stop.
+        if !plan.removed_units.is_empty() {
+            systemctl_offline(root, "disable", &plan.removed_units)?;
+        }
+        systemctl_offline(root, "enable", &rendered.enable)?;
+        outln!(
+            "installed into {} (not the running system): {} units enabled offline ({}); files in {} ms",
+            root.display(),
+            rendered.enable.len(),
+            unit_names::TARGET,
+            files_done.as_millis()
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let systemd = Systemd::connect().await?;
     if !plan.removed_units.is_empty() {
         outln!("stopping removed models: {}", plan.removed_units.join(" "))?;
@@ -286,9 +361,23 @@ pub async fn install(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `systemctl --root=DIR VERB UNITS`: unit files enabled or disabled offline.
+fn systemctl_offline(root: &Path, verb: &str, units: &[String]) -> Result<()> {
+    let flag = root_flag(root).context("offline systemctl needs a root")?;
+    let mut args: Vec<&std::ffi::OsStr> = vec![flag.as_os_str(), "--quiet".as_ref(), verb.as_ref()];
+    args.extend(units.iter().map(|u| std::ffi::OsStr::new(u.as_str())));
+    run_tool("systemctl", &args)
+}
+
 pub async fn uninstall(root: &Path, settings: Option<&Settings>, purge: bool) -> Result<ExitCode> {
-    ensure_booted()?;
-    let systemd = Systemd::connect().await?;
+    let live = is_live(root);
+    if live {
+        ensure_booted()?;
+    }
+    if purge && !nix_is_root() {
+        bail!("uninstall --purge removes users and files owned by root: run it as root");
+    }
+    let manifest = owned::Manifest::load(root)?;
     let units_dir = unit_dir(root);
     // Every unit of ours that is enabled or configured, whatever the config says now.
     let mut units: Vec<String> =
@@ -305,14 +394,22 @@ pub async fn uninstall(root: &Path, settings: Option<&Settings>, purge: bool) ->
     units.push(unit_names::GATEWAY.to_owned());
     units.sort();
     units.dedup();
-    let mut stop = vec![unit_names::TARGET.to_owned()];
-    stop.extend(units.iter().cloned());
-    systemd
-        .run_jobs("stop", &stop, std::time::Duration::from_secs(1), |_, _| {})
-        .await?;
     let mut disable = units.clone();
     disable.push(unit_names::TARGET.to_owned());
-    systemd.disable(&disable).await.ok();
+    let systemd = if live {
+        let systemd = Systemd::connect().await?;
+        let mut stop = vec![unit_names::TARGET.to_owned()];
+        stop.extend(units.iter().cloned());
+        systemd
+            .run_jobs("stop", &stop, std::time::Duration::from_secs(1), |_, _| {})
+            .await?;
+        systemd.disable(&disable).await.ok();
+        Some(systemd)
+    } else {
+        // Not the running system: nothing runs there; disable offline.
+        let _ = systemctl_offline(root, "disable", &disable);
+        None
+    };
     let generated = fsutil::generated_files(&units_dir, 1);
     let changes = Changes {
         removed: generated.clone(),
@@ -327,42 +424,46 @@ pub async fn uninstall(root: &Path, settings: Option<&Settings>, purge: bool) ->
         "/etc/tmpfiles.d/citadel.conf",
     ] {
         let p = rooted(root, Path::new(f));
-        if fsutil::is_generated(&p) && !purge {
-            // Kept: the user and directories stay until --purge.
+        if !fsutil::is_generated(&p) || !purge {
+            // Kept: the user and directories stay until --purge; an operator's file always.
             continue;
         }
         if fs::remove_file(&p).is_ok() {
             outln!("  removed  {}", p.display())?;
         }
     }
-    systemd.daemon_reload().await?;
-    for u in &units {
-        systemd.reset_failed(u).await;
+    if let Some(systemd) = &systemd {
+        systemd.daemon_reload().await?;
+        for u in &units {
+            systemd.reset_failed(u).await;
+        }
     }
     if purge {
-        let (home, creds) = match settings {
-            Some(s) => (s.paths.home.clone(), s.paths.credentials.clone()),
-            None => (
-                PathBuf::from("/opt/citadel"),
-                PathBuf::from("/etc/citadel/credentials"),
-            ),
+        owned::purge(root, settings, manifest.as_ref())?;
+        let _ = fs::remove_dir(rooted(root, Path::new("/etc/citadel")));
+        // The user and group, when Citadel created them, in the same root.
+        let root_args: Vec<std::ffi::OsString> = if live {
+            Vec::new()
+        } else {
+            vec!["--root".into(), root.as_os_str().to_owned()]
         };
-        for dir in [
-            home,
-            creds,
-            PathBuf::from("/var/lib/citadel"),
-            PathBuf::from("/var/cache/citadel"),
-        ] {
-            let p = rooted(root, &dir);
-            if p.exists() {
-                fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
-                outln!("  purged   {}", p.display())?;
+        if let Some(user) = manifest.as_ref().and_then(|m| m.created_user.as_ref()) {
+            if owned::id_of(root, "passwd", user).is_some() {
+                let _ = Command::new("userdel").args(&root_args).arg(user).status();
             }
         }
-        let _ = fs::remove_dir(rooted(root, Path::new("/etc/citadel")));
-        let user = settings.map_or("citadel", |s| s.service.user.as_str());
-        let _ = Command::new("userdel").arg(user).status();
-        let _ = Command::new("groupdel").arg(user).status();
+        if let Some(group) = manifest.as_ref().and_then(|m| m.created_group.as_ref()) {
+            // userdel may have removed a group named like the user already.
+            if owned::id_of(root, "group", group).is_some() {
+                let _ = Command::new("groupdel")
+                    .args(&root_args)
+                    .arg(group)
+                    .status();
+            }
+        }
+        if manifest.is_some() {
+            owned::Manifest::remove(root);
+        }
         outln!("uninstalled and purged (the journal keeps past logs until it rotates them)")?;
     } else {
         outln!("uninstalled; kept config, models, credentials, state and binaries (use --purge to remove them)")?;
@@ -419,10 +520,11 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Creates the API keys file with one random key when it does not exist yet.
-fn ensure_api_key(path: &Path) -> Result<()> {
+/// Creates the API keys file with one random key when it does not exist yet
+/// (true when it did).
+fn ensure_api_key(path: &Path) -> Result<bool> {
     if path.exists() {
-        return Ok(());
+        return Ok(false);
     }
     let mut bytes = [0u8; 24];
     fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
@@ -433,5 +535,5 @@ fn ensure_api_key(path: &Path) -> Result<()> {
         "generated an API key in {} (root-only; the gateway reads it as a credential)",
         path.display()
     )?;
-    Ok(())
+    Ok(true)
 }

@@ -18,6 +18,7 @@ mod control;
 mod fsutil;
 mod install;
 mod observe;
+mod owned;
 mod services;
 mod systemd;
 
