@@ -13,6 +13,21 @@ use crate::raw::{RawConfig, RawGateway, RawModel, StrMap, S};
 use crate::settings::{Gateway, Limits, Model, ModelName, Paths, Port, ServiceIdentity, Settings};
 use crate::units::{ByteSize, Cpus, SizeLimit, Timespan};
 
+/// The gateway's `nofile` (LimitNOFILE=) when the config sets none: every
+/// client connection and every upstream connection is a file descriptor, and
+/// systemd's default soft limit of 1024 refused connections (`accept failed`)
+/// well below the 1,000 concurrent clients the gateway is benchmarked with.
+pub const GATEWAY_NOFILE: u32 = 65_536;
+/// The gateway's `tasks_max` (TasksMax=) when the config sets none: tokio's
+/// workers (one per core) and its blocking pool (up to 512 threads) fit with
+/// room to spare; a runaway thread leak is stopped long before the host's limit.
+pub const GATEWAY_TASKS_MAX: u32 = 4096;
+/// A model's `nofile` when neither it nor `[model_defaults]` sets one: engines
+/// open many files (vLLM: weight shards, shared memory, one socket per client
+/// and per worker; its own docs ask for 65536), and systemd's default soft
+/// limit is 1024.
+pub const MODEL_NOFILE: u32 = 65_536;
+
 /// System accounts and groups a service identity may not be: Citadel's
 /// services must run as a dedicated account of their own. Sharing `nobody` or
 /// `daemon` shares every file and process of those accounts with the engines;
@@ -565,6 +580,13 @@ impl Validator {
                 memlock: None,
             },
         );
+        // Issue 10, item 6: one connection is one file; systemd's default soft
+        // limit (1024) left 2,000 concurrent clients unanswered.
+        let limits = Limits {
+            nofile: limits.nofile.or(Some(GATEWAY_NOFILE)),
+            tasks_max: limits.tasks_max.or(Some(GATEWAY_TASKS_MAX)),
+            ..limits
+        };
         let api_keys_file = self.path(
             "gateway.api_keys_file",
             &g.api_keys_file,
@@ -746,6 +768,10 @@ impl Validator {
                 memlock: m.memlock.as_ref(),
             },
         );
+        let limits = Limits {
+            nofile: limits.nofile.or(Some(MODEL_NOFILE)),
+            ..limits
+        };
         let mut aliases = Vec::new();
         for alias in m.aliases.iter().flat_map(|a| a.get_ref()) {
             if !self.text(&k("aliases"), alias) {

@@ -478,8 +478,11 @@ pub fn tmpfiles(settings: &Settings) -> RenderedFile {
         };
     line(&p.home, "0755", root(), root());
     line(&p.bin(), "0755", root(), root());
-    line(&p.config_dir(), "0750", root(), account(group));
-    line(&p.systemd_dir(), "0750", root(), account(group));
+    // World-readable (issue 10, item 6): the config holds no secrets (they are
+    // credentials, below the 0700 credentials directory), and `status` and
+    // `health` read it as a non-root monitoring user.
+    line(&p.config_dir(), "0755", root(), account(group));
+    line(&p.systemd_dir(), "0755", root(), account(group));
     line(&p.models, "0750", root(), account(group));
     line(&p.credentials, "0700", root(), root());
     line(

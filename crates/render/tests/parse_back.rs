@@ -689,8 +689,8 @@ fn check_tmpfiles(h: &Hostile, text: &str) -> Result<(), String> {
     let want: Vec<(PathBuf, &str, &str, &str)> = vec![
         (p.home.clone(), "0755", "root", "root"),
         (p.bin(), "0755", "root", "root"),
-        (p.config_dir(), "0750", "root", g),
-        (p.systemd_dir(), "0750", "root", g),
+        (p.config_dir(), "0755", "root", g),
+        (p.systemd_dir(), "0755", "root", g),
         (p.models.clone(), "0750", "root", g),
         (p.credentials.clone(), "0700", "root", "root"),
         (PathBuf::from("/var/lib/citadel"), "0750", u, g),
