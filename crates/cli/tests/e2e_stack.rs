@@ -504,3 +504,234 @@ memory_high = "88M"
     );
     st.sb.shutdown().expect("clean teardown");
 }
+
+/// Requests per second that each model's load generator sends.
+const LOAD_RATE_PER_MODEL: u32 = 50;
+
+/// Sends `n` chat completions for `model` through the gateway at
+/// `LOAD_RATE_PER_MODEL`/s, one after another on a kept-alive connection
+/// (curl inside the sandbox, loopback only); returns the outcome of each:
+/// `HTTP_CODE CURL_EXIT MESSAGE`.
+fn load(st: &Stack, model: &str, key: &str, n: u32) -> Vec<String> {
+    let auth = format!("Authorization: Bearer {key}");
+    let body = format!(
+        r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":2}}"#
+    );
+    let rate = format!("{LOAD_RATE_PER_MODEL}/s");
+    // The glob makes `n` requests of one curl; the gateway ignores the query.
+    let url = format!("http://127.0.0.1:8000/v1/chat/completions?n=[1-{n}]");
+    let out = st
+        .sb
+        .exec(&[
+            "curl",
+            "-s",
+            "--rate",
+            &rate,
+            "-m",
+            "10",
+            "-H",
+            &auth,
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &body,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{exitcode} %{errormsg}\\n",
+            &url,
+        ])
+        .expect("run curl in the sandbox");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The gateway's `/health`: completed reloads and whether the last failed.
+fn gateway_reloads(st: &Stack) -> (u64, String) {
+    let (code, body) = st.http("GET", "http://127.0.0.1:8000/health", None, None);
+    assert_eq!(code, 200, "the gateway answers /health: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    (
+        v["reloads"].as_u64().unwrap(),
+        v["last_reload"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// Requests the gateway answered so far (all models, all statuses).
+fn gateway_requests(st: &Stack) -> u64 {
+    let (_, body) = st.http("GET", "http://127.0.0.1:8000/metrics", None, None);
+    body.lines()
+        .filter(|l| l.starts_with("citadel_gateway_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Issue 9, finding 3: one bad edit of the config took the whole API down.
+/// Under a steady load on all four models, a config whose values overflow
+/// (the exact lines of the report: one in a model's section, one in
+/// `[gateway]`) is reloaded through `citadel-systemd reload` and through
+/// `systemctl reload` directly: the gateway keeps serving with the old config
+/// (same process, no restart, no failed request) and says so in STATUS= and
+/// `/health`; the good config then reloads normally.
+#[test]
+fn issue9_broken_config_reload_keeps_serving() {
+    const CONFIG: &str = "/opt/citadel/config/citadel.toml";
+    // The per-key rate limit (100/min in the demo) would refuse this load.
+    let good = config("0s", "").replace(
+        "rate_limit_per_minute = 100\n",
+        "rate_limit_per_minute = 1000000\n",
+    );
+    assert!(good.contains("rate_limit_per_minute = 1000000\n"));
+    let st = Stack::boot("e2e-reload", &good);
+    st.install();
+    st.cli_ok(&["start"]);
+    st.wait("every model serves", Duration::from_secs(30), || {
+        MODELS.iter().all(|m| st.gateway_state(m) == "ready")
+    });
+    let key = st.api_key();
+    let pid = st.show(GATEWAY, "MainPID");
+    let restarts = st.show_u64(GATEWAY, "NRestarts");
+    assert_eq!(st.show(GATEWAY, "StatusText"), "serving 4/4 models");
+
+    // Appended to the file, this lands in the last model's section ([models.phi3]).
+    let overflow_model = format!("{good}stop_timeout = \"99999999999999999999s\"\n");
+    let overflow_line = good.lines().count() + 1;
+    let overflow_gateway = good.replacen(
+        "[gateway]\n",
+        "[gateway]\ndrain_timeout = \"18446744073709549568s 2047s\"\n",
+        1,
+    );
+    let drain_line = 1 + overflow_gateway
+        .lines()
+        .position(|l| l.starts_with("drain_timeout"))
+        .unwrap();
+    let per_model = 12 * LOAD_RATE_PER_MODEL; // ~12 s at ~200 req/s in all
+    let started = Instant::now();
+    let outcomes: Vec<(&str, Vec<String>)> = std::thread::scope(|s| {
+        let loads: Vec<_> = MODELS
+            .iter()
+            .map(|m| {
+                let (st, key) = (&st, &key);
+                (*m, s.spawn(move || load(st, m, key, per_model)))
+            })
+            .collect();
+        st.wait(
+            "the load reaches the gateway",
+            Duration::from_secs(10),
+            || gateway_requests(&st) >= 100,
+        );
+
+        for (what, broken) in [
+            (
+                "an overflowing stop_timeout in [models.phi3]",
+                &overflow_model,
+            ),
+            (
+                "an overflowing drain_timeout in [gateway]",
+                &overflow_gateway,
+            ),
+        ] {
+            println!("--- reload with {what}");
+            st.write(CONFIG, broken);
+            // The CLI validates first and refuses, naming the file and line.
+            let out = st.cli(&["reload"]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out));
+            let line = if broken == &overflow_model {
+                overflow_line
+            } else {
+                drain_line
+            };
+            assert!(err.contains(&format!("{CONFIG}:{line}:")), "{what}: {err}");
+            // systemctl reload sends SIGHUP whatever the file says: the gateway
+            // rejects the new config and keeps serving the old one.
+            let (before, _) = gateway_reloads(&st);
+            st.sb
+                .exec_ok(&["systemctl", "reload", GATEWAY])
+                .expect("systemctl reload");
+            st.wait(
+                "the gateway reports the reload",
+                Duration::from_secs(15),
+                || gateway_reloads(&st).0 > before,
+            );
+            assert_eq!(gateway_reloads(&st).1, "failed", "{what} was accepted");
+            st.wait(
+                "STATUS= says the reload was rejected",
+                Duration::from_secs(10),
+                || {
+                    st.show(GATEWAY, "StatusText").starts_with(
+                        "serving 4/4 models; reload rejected, still using the previous configuration: ",
+                    )
+                },
+            );
+            assert!(
+                st.show(GATEWAY, "StatusText").contains(CONFIG),
+                "{}",
+                st.show(GATEWAY, "StatusText")
+            );
+            assert_eq!(st.show(GATEWAY, "ActiveState"), "active");
+            assert_eq!(
+                st.show(GATEWAY, "MainPID"),
+                pid,
+                "the gateway was restarted"
+            );
+            assert_eq!(st.show_u64(GATEWAY, "NRestarts"), restarts);
+            let journal = st
+                .sb
+                .exec_ok(&["journalctl", "--no-pager", "-o", "cat", "-u", GATEWAY])
+                .unwrap();
+            assert!(
+                journal.contains(&format!(
+                    "reload failed: the new configuration of {CONFIG} was rejected"
+                )),
+                "{journal}"
+            );
+        }
+        assert!(
+            loads.iter().all(|(_, h)| !h.is_finished()),
+            "the load ended before the reloads did ({:.1} s): this run proves nothing, make the load longer",
+            started.elapsed().as_secs_f64()
+        );
+
+        // The good config again: accepted, and STATUS= forgets the rejection.
+        st.write(CONFIG, &good);
+        st.cli_ok(&["reload"]);
+        assert_eq!(gateway_reloads(&st).1, "ok");
+        st.wait("STATUS= back to normal", Duration::from_secs(10), || {
+            st.show(GATEWAY, "StatusText") == "serving 4/4 models"
+        });
+        loads
+            .into_iter()
+            .map(|(m, h)| (m, h.join().expect("load thread")))
+            .collect()
+    });
+    let total: usize = outcomes.iter().map(|(_, o)| o.len()).sum();
+    let failed: Vec<String> = outcomes
+        .iter()
+        .flat_map(|(m, o)| {
+            o.iter()
+                .filter(|l| !l.starts_with("200 "))
+                .map(move |l| format!("{m}: {l}"))
+        })
+        .collect();
+    println!(
+        "PERF issue9 reload under load: {total} requests in {:.1} s, {} failed",
+        started.elapsed().as_secs_f64(),
+        failed.len()
+    );
+    assert_eq!(
+        total,
+        (per_model as usize) * MODELS.len(),
+        "every request ran"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {total} requests failed, first: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(st.show(GATEWAY, "MainPID"), pid);
+    st.sb.shutdown().expect("clean teardown");
+}
