@@ -126,6 +126,7 @@ pub struct Sandbox {
     failed_units: Vec<String>,
     boot_duration: Duration,
     boot_timeout: Duration,
+    opts: SandboxOptions,
     torn_down: bool,
 }
 
@@ -164,6 +165,7 @@ impl Sandbox {
             failed_units: Vec::new(),
             boot_duration: Duration::ZERO,
             boot_timeout: opts.boot_timeout,
+            opts: opts.clone(),
             torn_down: false,
         };
         // From here on, any error drops `sb`, which tears down what was built.
@@ -209,6 +211,12 @@ impl Sandbox {
         // Own hostname (= sandbox name) so journals and prompts say where they are.
         write(&self.root.join("etc/hostname"), &format!("{}\n", self.name))?;
 
+        self.launch(opts, deadline)
+    }
+
+    /// Steps 3 to 6: cgroups, nspawn, readiness, writable controllers. Run
+    /// once per boot of the same root ([`Sandbox::reboot`] runs it again).
+    fn launch(&mut self, opts: &SandboxOptions, deadline: Instant) -> Result<(), SandboxError> {
         // 3. Fresh cgroups in every hierarchy for the nspawn process.
         let procs = self.create_cgroups()?;
 
@@ -527,6 +535,53 @@ impl Sandbox {
         }
     }
 
+    /// Reboots the container over the same state: systemd inside shuts down
+    /// in order (every unit stopped as on `poweroff`: nspawn turns SIGTERM
+    /// into an orderly halt), the container's cgroups are removed, and the
+    /// same root (the overlay and its upper layer, i.e. every file written
+    /// inside, the machine id, enablement symlinks, the journal in
+    /// /var/log/journal when persistent) boots again with a fresh PID 1, /run
+    /// and /tmp, exactly as a host comes back from a reboot. Waits until
+    /// systemd inside reports `running` or `degraded` again.
+    pub fn reboot(&mut self) -> Result<(), SandboxError> {
+        let started = Instant::now();
+        let deadline = started + self.opts.boot_timeout;
+        let mut child = self.nspawn.take().ok_or_else(|| SandboxError::Io {
+            context: format!("reboot of sandbox `{}`", self.name),
+            source: io::Error::other("the container is not running"),
+        })?;
+        if matches!(child.try_wait(), Ok(None)) {
+            host::signal(&[child.id()], "TERM");
+            if !poll_until(STOP_TIMEOUT, || !matches!(child.try_wait(), Ok(None))) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SandboxError::Timeout {
+                    what: format!("sandbox `{}` to halt for a reboot", self.name),
+                    timeout: STOP_TIMEOUT,
+                });
+            }
+        }
+        let _ = child.wait();
+        let mut problems = Vec::new();
+        remove_cgroups(&self.name, &mut problems);
+        if !problems.is_empty() {
+            return Err(SandboxError::Teardown { problems });
+        }
+        self.leader = 0;
+        self.failed_units.clear();
+        let opts = self.opts.clone();
+        if let Err(e) = self.launch(&opts, deadline) {
+            return Err(SandboxError::Boot {
+                name: self.name.clone(),
+                reason: format!("after a reboot: {e}"),
+                log: self.console_log(),
+                log_tail: tail(&self.console_log(), 30),
+            });
+        }
+        self.boot_duration = started.elapsed();
+        Ok(())
+    }
+
     /// Stops the container and removes its overlay mount, cgroups and scratch
     /// directory. Also done (best effort, errors printed) on drop.
     pub fn shutdown(mut self) -> Result<(), SandboxError> {
@@ -724,6 +779,38 @@ fn stop_foreign_nspawn(pid: u32, name: &str, problems: &mut Vec<String>) {
 /// remaining processes in its cgroups, its mounts, cgroups and scratch dir.
 /// Idempotent and safe to race with another cleaner.
 fn reap(name: &str, problems: &mut Vec<String>) {
+    remove_cgroups(name, problems);
+
+    let dir = Path::new(BASE_DIR).join(name);
+    let mut mounts = host::mounts_under(&dir);
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    mounts.dedup();
+    for m in &mounts {
+        let m = m.to_string_lossy();
+        if host::run_host("umount", &[&m]).is_err() {
+            if let Err(e) = host::run_host("umount", &["-l", &m]) {
+                problems.push(format!("{name}: cannot unmount {m}: {e}"));
+            }
+        }
+    }
+
+    // Never recurse into a still-mounted overlay.
+    let left = host::mounts_under(&dir);
+    if !left.is_empty() {
+        problems.push(format!(
+            "{name}: still mounted, keeping {}: {left:?}",
+            dir.display()
+        ));
+    } else if let Err(e) = fs::remove_dir_all(&dir) {
+        if e.kind() != io::ErrorKind::NotFound && dir.exists() {
+            problems.push(format!("{name}: cannot remove {}: {e}", dir.display()));
+        }
+    }
+}
+
+/// Kills whatever still runs in sandbox `name`'s cgroups and removes them
+/// (teardown, and between the two boots of a reboot).
+fn remove_cgroups(name: &str, problems: &mut Vec<String>) {
     let cgroups: Vec<PathBuf> = host::cgroup_hierarchies()
         .into_iter()
         .map(|h| h.mount_point.join(format!("{CGROUP_PREFIX}{name}")))
@@ -745,35 +832,9 @@ fn reap(name: &str, problems: &mut Vec<String>) {
         problems.push(format!("{name}: processes in its cgroups survived SIGKILL"));
     }
 
-    let dir = Path::new(BASE_DIR).join(name);
-    let mut mounts = host::mounts_under(&dir);
-    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    mounts.dedup();
-    for m in &mounts {
-        let m = m.to_string_lossy();
-        if host::run_host("umount", &[&m]).is_err() {
-            if let Err(e) = host::run_host("umount", &["-l", &m]) {
-                problems.push(format!("{name}: cannot unmount {m}: {e}"));
-            }
-        }
-    }
-
     for c in &cgroups {
         if let Err(e) = host::remove_cgroup_tree(c, Duration::from_secs(5)) {
             problems.push(format!("{name}: cannot remove cgroup {}: {e}", c.display()));
-        }
-    }
-
-    // Never recurse into a still-mounted overlay.
-    let left = host::mounts_under(&dir);
-    if !left.is_empty() {
-        problems.push(format!(
-            "{name}: still mounted, keeping {}: {left:?}",
-            dir.display()
-        ));
-    } else if let Err(e) = fs::remove_dir_all(&dir) {
-        if e.kind() != io::ErrorKind::NotFound && dir.exists() {
-            problems.push(format!("{name}: cannot remove {}: {e}", dir.display()));
         }
     }
 }

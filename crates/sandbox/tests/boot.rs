@@ -67,3 +67,60 @@ fn boots_with_systemd_as_pid1() {
 
     sb.shutdown().unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// `Sandbox::reboot` (issue 10, item 2: "disable sticks across a reboot"
+/// needs a reboot over the same state): the container halts in order and
+/// boots again with a new PID 1 over the same files, machine id and
+/// enablement: an enabled unit starts at boot, a disabled one does not.
+#[test]
+fn reboot_boots_again_over_the_same_state() {
+    let mut sb = common::boot("reboot");
+    let unit = |name: &str| {
+        format!(
+            "[Unit]\nDescription={name}\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"
+        )
+    };
+    for name in ["citadel-on", "citadel-off"] {
+        std::fs::write(
+            sb.root().join(format!("etc/systemd/system/{name}.service")),
+            unit(name),
+        )
+        .unwrap();
+    }
+    sb.exec_ok(&["systemctl", "daemon-reload"]).unwrap();
+    sb.exec_ok(&["systemctl", "enable", "citadel-on.service"])
+        .unwrap();
+    let id = sb.exec_ok(&["cat", "/etc/machine-id"]).unwrap();
+    let leader = sb.leader();
+    sb.exec_ok(&["touch", "/run/citadel-volatile"]).unwrap();
+
+    sb.reboot().expect("reboot");
+
+    assert_ne!(sb.leader(), leader, "a new PID 1");
+    let comm = sb.exec_ok(&["cat", "/proc/1/comm"]).unwrap();
+    assert_eq!(comm.trim(), "systemd");
+    assert_eq!(sb.exec_ok(&["cat", "/etc/machine-id"]).unwrap(), id);
+    assert!(
+        sb.exec_ok(&["test", "-e", "/run/citadel-volatile"])
+            .is_err(),
+        "/run is fresh after a reboot"
+    );
+    sb.wait_until(
+        "the enabled unit starts at boot",
+        std::time::Duration::from_secs(20),
+        || {
+            sb.exec_ok(&["systemctl", "is-active", "citadel-on.service"])
+                .is_ok()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        sb.exec(&["systemctl", "is-active", "citadel-off.service"])
+            .unwrap()
+            .status
+            .code(),
+        Some(3),
+        "the disabled unit stays stopped"
+    );
+    sb.shutdown().expect("clean teardown");
+}
