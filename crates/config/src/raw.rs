@@ -78,6 +78,32 @@ pub const MODEL_KEYS: &[&str] = &[
     "memlock",
 ];
 
+/// Every key path the schema accepts, from the key lists above: `paths.home`,
+/// `gateway.port`, `model_defaults.memory_max`, `models.*.memory_max` (`*`
+/// stands for a model's name). `env` and `credentials` are one key each (the
+/// keys inside them are the operator's). docs/configuration.md documents each
+/// of these, which a test checks.
+pub fn schema_keys() -> Vec<String> {
+    let mut out = Vec::new();
+    for root in ROOT_KEYS {
+        let (prefix, keys) = match *root {
+            "paths" => ("paths", PATHS_KEYS),
+            "service" => ("service", SERVICE_KEYS),
+            "gateway" => ("gateway", GATEWAY_KEYS),
+            "model_defaults" => ("model_defaults", MODEL_KEYS),
+            "models" => ("models.*", MODEL_KEYS),
+            // A root key whose table is not listed here is reported as itself,
+            // so that the documentation test names it.
+            other => {
+                out.push(other.to_owned());
+                continue;
+            }
+        };
+        out.extend(keys.iter().map(|k| format!("{prefix}.{k}")));
+    }
+    out
+}
+
 #[derive(Debug, Default)]
 pub struct RawConfig {
     pub paths: RawPaths,
