@@ -38,16 +38,44 @@ pub use units::{hardening_exceptions, DROP_IN_NAME, FAILURE_UNIT, GENERATED_MARK
 pub use writer::INVALID_ACCOUNT;
 
 /// What a rendered file is, which decides where it is installed.
+///
+/// Everything Citadel generates goes into the *vendor* layer below `/usr/local`
+/// (issue 10, item 3), the layer packaged software uses, never into `/etc`,
+/// which belongs to the administrator: `systemctl edit` writes
+/// `/etc/systemd/system/UNIT.d/override.conf` on top of Citadel's files, and
+/// `systemctl revert` removes the administrator's layer and leaves Citadel's
+/// (it treats unit files below `/usr` as vendor versions). systemd 252 searches
+/// all three directories (`systemd-analyze unit-paths`, and the built-in
+/// `/usr/local/lib/{sysusers,tmpfiles}.d` of systemd-sysusers/-tmpfiles).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FileKind {
-    /// A unit file, installed into /etc/systemd/system.
+    /// A unit file, installed into [`VENDOR_UNIT_DIR`].
     Unit,
     /// A drop-in of a unit (`NAME.d/50-citadel.conf`), installed beside the units.
     DropIn,
-    /// A sysusers.d entry, installed into /etc/sysusers.d.
+    /// A sysusers.d entry, installed into `/usr/local/lib/sysusers.d`.
     Sysusers,
-    /// A tmpfiles.d entry, installed into /etc/tmpfiles.d.
+    /// A tmpfiles.d entry, installed into `/usr/local/lib/tmpfiles.d`.
     Tmpfiles,
+}
+
+/// Where Citadel's units and drop-ins are installed: the vendor unit directory
+/// for locally installed software, below the administrator's `/etc/systemd/system`.
+pub const VENDOR_UNIT_DIR: &str = "/usr/local/lib/systemd/system";
+
+/// The administrator's unit directory. Citadel writes nothing there itself:
+/// systemd puts the enablement symlinks there, operators their drop-ins.
+/// Citadel versions before issue 10 installed their generated files there
+/// (`install` removes those, recognised by [`GENERATED_MARK`]).
+pub const ADMIN_UNIT_DIR: &str = "/etc/systemd/system";
+
+/// Where versions before issue 10 put a file of `kind` (relative to `/`);
+/// `install` migrates Citadel's own files away from there.
+pub fn legacy_dir(kind: FileKind) -> &'static str {
+    match kind {
+        FileKind::Unit | FileKind::DropIn => "etc/systemd/system",
+        FileKind::Sysusers | FileKind::Tmpfiles => "etc",
+    }
 }
 
 /// One rendered file. `path` is relative to the render directory
@@ -63,11 +91,15 @@ impl RenderedFile {
     /// Where the file goes on an installed system, below `root` (`/` normally).
     pub fn install_path(&self, root: &Path) -> PathBuf {
         let dir = match self.kind {
-            FileKind::Unit | FileKind::DropIn => "etc/systemd/system",
-            FileKind::Sysusers => "etc",
-            FileKind::Tmpfiles => "etc",
+            FileKind::Unit | FileKind::DropIn => &VENDOR_UNIT_DIR[1..],
+            FileKind::Sysusers | FileKind::Tmpfiles => "usr/local/lib",
         };
         root.join(dir).join(&self.path)
+    }
+
+    /// Where Citadel versions before issue 10 installed this file, below `root`.
+    pub fn legacy_install_path(&self, root: &Path) -> PathBuf {
+        root.join(legacy_dir(self.kind)).join(&self.path)
     }
 }
 

@@ -332,7 +332,6 @@ fn engine_profile(w: &mut UnitWriter, settings: &Settings, m: &Model) {
 pub fn gateway(settings: &Settings) -> RenderedFile {
     let g = &settings.gateway;
     let mut w = UnitWriter::new(&header(settings, "#"));
-    let models: Vec<String> = settings.models.iter().map(Model::unit_name).collect();
     w.section("Unit")
         .set(
             "Description",
@@ -342,17 +341,21 @@ pub fn gateway(settings: &Settings) -> RenderedFile {
             )),
         )
         .set("PartOf", unit_names::TARGET)
-        .comment("The gateway starts once every model has reported READY=1 (or failed).");
-    if !models.is_empty() {
-        w.set("Wants", UnitNames::new(models.iter().cloned()));
-    }
-    w.set(
-        "After",
-        UnitNames::new(std::iter::once("network.target".to_owned()).chain(models)),
-    )
-    .set("OnFailure", "citadel-failure@%N.service")
-    .set("StartLimitIntervalSec", "5min")
-    .set("StartLimitBurst", "5");
+        .comment("No Wants=/After= on the models: the API starts at once and admits each model")
+        .comment("when its health probe passes (503 model_not_ready + Retry-After until then), so")
+        .comment("the slowest loader does not hold the API back, and only citadel.target pulls")
+        .comment("models in (through their enablement): a disabled model stays stopped.")
+        .comment("Stopping the target stops the gateway and the models in parallel; nothing in")
+        .comment("flight is cut: the gateway drains (TimeoutStopSec), and each engine, on the one")
+        .comment("SIGTERM citadel-model relays, closes its listener and finishes the requests it")
+        .comment("has within its model's stop_timeout.")
+        .set(
+            "After",
+            UnitNames::new(std::iter::once("network.target".to_owned())),
+        )
+        .set("OnFailure", "citadel-failure@%N.service")
+        .set("StartLimitIntervalSec", "5min")
+        .set("StartLimitBurst", "5");
     w.section("Service")
         .set("Type", "notify")
         .set("NotifyAccess", "main")
