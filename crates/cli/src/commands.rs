@@ -35,14 +35,22 @@ impl Ctx {
         match citadel_config::load(&self.config) {
             Ok(loaded) => Ok(Ok(loaded)),
             Err(ConfigError::Invalid(report)) => Ok(Err(report)),
-            Err(e @ ConfigError::Read { .. }) => Err(e).context(if self.config.exists() {
-                "cannot load the config".to_owned()
-            } else {
-                format!(
+            // Only a missing file means "no config" (issue 10, item 6: a
+            // permission error, e.g. a monitoring user before the config was
+            // world-readable, was reported as a missing config).
+            Err(ConfigError::Read { path, source }) => match source.kind() {
+                std::io::ErrorKind::NotFound => bail!(
                     "no config at {}; create one with `citadel-systemd init` or pass --config PATH",
-                    self.config.display()
-                )
-            }),
+                    path.display()
+                ),
+                std::io::ErrorKind::PermissionDenied => bail!(
+                    "cannot read {}: permission denied; run this as root, or make the config \
+                     readable (it holds no secrets: `citadel-systemd install` makes it 0644 \
+                     in a 0755 directory), or pass --config PATH",
+                    path.display()
+                ),
+                _ => Err(ConfigError::Read { path, source }).context("cannot load the config"),
+            },
         }
     }
 }
@@ -314,7 +322,8 @@ fn init(ctx: &Ctx, example: &str) -> Result<ExitCode> {
         "sim" => citadel_config::SIM_EXAMPLE_CONFIG,
         _ => citadel_config::EXAMPLE_CONFIG,
     };
-    fsutil::write_atomic(&ctx.config, text.as_bytes(), 0o640)?;
+    // World-readable like the installed copy: it holds no secrets.
+    fsutil::write_atomic(&ctx.config, text.as_bytes(), 0o644)?;
     outln!("wrote {} (the {example} example)", ctx.config.display())?;
     outln!("next: edit it, then `citadel-systemd validate` and `citadel-systemd install`")?;
     Ok(ExitCode::SUCCESS)

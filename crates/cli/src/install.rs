@@ -58,7 +58,7 @@ pub fn plan(
     if fs::canonicalize(config).ok() != fs::canonicalize(&config_target).ok() {
         let text = fs::read_to_string(config)
             .with_context(|| format!("cannot read {}", config.display()))?;
-        files.push((config_target.clone(), text, 0o640));
+        files.push((config_target.clone(), text, 0o644));
     }
     for f in &rendered.files {
         files.push((render_dir.join(&f.path), f.contents.clone(), 0o644));
@@ -282,10 +282,12 @@ pub async fn install(
         .map(|(p, c, _)| (p.clone(), c.clone()))
         .collect();
     fsutil::apply(&pairs, &plan.changes)?;
-    // The services read the config as group `citadel`; nobody else may.
+    // World-readable (issue 10, item 6): the config holds no secrets (the config
+    // crate refuses them in `env`; keys are credentials), and `status` and
+    // `health` read it as a non-root monitoring user. Only root may change it.
     fs::set_permissions(
         &config_target,
-        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
     )?;
     let gid = group_id(root, &settings.service.group).with_context(|| {
         format!(

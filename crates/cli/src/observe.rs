@@ -44,9 +44,10 @@ async fn collect(settings: &Settings, names: &[String]) -> Result<Vec<ServiceSta
 pub async fn status(settings: &Settings, names: &[String], json: bool) -> Result<ExitCode> {
     let started = Instant::now();
     let services = collect(settings, names).await?;
+    let code = status_exit_code(&services);
     if json {
         outln!("{}", serde_json::to_string_pretty(&services)?)?;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code);
     }
     outln!(
         "{:<10} {:<28} {:<12} {:>7} {:>19} {:>8} {:>6}  STATUS",
@@ -88,7 +89,24 @@ pub async fn status(settings: &Settings, names: &[String], json: bool) -> Result
             started.elapsed().as_secs_f64() * 1000.0
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
+}
+
+/// `systemctl status`'s exit status "program is not running" (LSB).
+pub const EXIT_NOT_RUNNING: u8 = 3;
+
+/// Issue 10, item 6: like `systemctl status UNIT...`, 0 when every listed unit
+/// is active (or reloading), 3 when any is not (inactive, failed, activating:
+/// a model still loading is not running yet). Without SERVICE arguments every
+/// unit of the stack is listed, so a stopped or loading model also gives 3.
+fn status_exit_code(services: &[ServiceStatus]) -> ExitCode {
+    let running =
+        |s: &ServiceStatus| matches!(s.state.active_state.as_str(), "active" | "reloading");
+    if services.iter().all(running) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NOT_RUNNING)
+    }
 }
 
 /// One model's health: systemd's view and the live probes.
@@ -255,44 +273,99 @@ pub struct LogOptions {
     pub lines: Option<u32>,
 }
 
-/// The journal of the chosen (default all) Citadel units, interleaved.
-pub fn logs(settings: &Settings, names: &[String], o: &LogOptions) -> Result<ExitCode> {
-    let mut cmd = Command::new("journalctl");
-    cmd.arg("--no-pager")
-        .arg("-o")
-        .arg(if o.json { "json" } else { "short-iso" });
-    if names.is_empty() {
-        cmd.args([
-            "-u",
-            "citadel-model@*",
-            "-u",
-            unit_names::GATEWAY,
-            "-u",
-            unit_names::TARGET,
-            "-u",
-            "citadel-failure@*",
-        ]);
-    } else {
-        for u in resolve(settings, names)? {
-            cmd.arg("-u").arg(u);
-        }
+/// How many lines `logs` shows without `-n`: what `journalctl -e` shows.
+pub const DEFAULT_LOG_LINES: u32 = 1000;
+
+/// journalctl's arguments for `logs` (issue 10, item 6): like `journalctl -e`,
+/// the last lines (`-n`, default 1000) and, on a terminal, journalctl's own
+/// pager opened at the end. `--follow` and output that is not a terminal get
+/// no pager; `--follow` without `-n` keeps journalctl's own default (10).
+pub fn journalctl_args(units: &[String], o: &LogOptions, terminal: bool) -> Vec<String> {
+    let mut args: Vec<String> = Vec::new();
+    let pager = terminal && !o.follow;
+    if !pager {
+        args.push("--no-pager".into());
+    }
+    args.extend([
+        "-o".into(),
+        if o.json { "json" } else { "short-iso" }.into(),
+    ]);
+    for u in units {
+        args.extend(["-u".into(), u.clone()]);
     }
     if let Some(s) = &o.since {
-        cmd.arg("--since").arg(s);
+        args.extend(["--since".into(), s.clone()]);
     }
     if let Some(p) = &o.priority {
-        cmd.arg("--priority").arg(p);
+        args.extend(["--priority".into(), p.clone()]);
     }
-    if let Some(n) = o.lines {
-        cmd.arg("--lines").arg(n.to_string());
+    let lines = o
+        .lines
+        .or((!o.follow).then_some(DEFAULT_LOG_LINES))
+        .map(|n| n.to_string());
+    if let Some(n) = lines {
+        args.extend(["--lines".into(), n]);
+    }
+    if pager {
+        args.push("--pager-end".into());
     }
     if o.follow {
-        cmd.arg("--follow");
+        args.push("--follow".into());
     }
-    let status = cmd.status().context("cannot run journalctl")?;
-    Ok(ExitCode::from(
-        status.code().unwrap_or(2).clamp(0, 255) as u8
-    ))
+    args
+}
+
+/// The journal of the chosen (default all) Citadel units, interleaved.
+pub fn logs(settings: &Settings, names: &[String], o: &LogOptions) -> Result<ExitCode> {
+    use std::io::IsTerminal;
+
+    let units = if names.is_empty() {
+        vec![
+            "citadel-model@*".to_owned(),
+            unit_names::GATEWAY.to_owned(),
+            unit_names::TARGET.to_owned(),
+            "citadel-failure@*".to_owned(),
+        ]
+    } else {
+        resolve(settings, names)?
+    };
+    let mut cmd = Command::new("journalctl");
+    cmd.args(journalctl_args(&units, o, std::io::stdout().is_terminal()));
+    let status = run_in_foreground(cmd).context("cannot run journalctl")?;
+    Ok(ExitCode::from(exit_code_of(status)))
+}
+
+/// Runs `cmd` and waits for it the way `system(3)` does: Ctrl-C goes to the
+/// child (journalctl, its pager) and this process outlives it, so the shell gets
+/// the terminal back only once the pager has restored it.
+fn run_in_foreground(cmd: Command) -> std::io::Result<std::process::ExitStatus> {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut interrupts = signal(SignalKind::interrupt())?;
+        let mut child = tokio::process::Command::from(cmd).spawn()?;
+        loop {
+            tokio::select! {
+                status = child.wait() => return status,
+                _ = interrupts.recv() => {}
+            }
+        }
+    })
+}
+
+/// A child's exit status as ours: its code, or 128 + the signal that ended it
+/// (130 for Ctrl-C), as a shell reports it.
+fn exit_code_of(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code.clamp(0, 255) as u8,
+        (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
+        (None, None) => 2,
+    }
 }
 
 /// How long one local probe may take, connect to last body byte.
