@@ -67,7 +67,9 @@ impl Body for GwBody {
     }
 }
 
-/// Finds the last `"total_tokens":N` (or `"completion_tokens":N`) in a chunk.
+/// Finds the last `"total_tokens":N` in a chunk of a response body or SSE
+/// stream (usage comes last). `None` when there is none or N does not fit a
+/// u64; never panics, whatever the bytes.
 pub fn scan_tokens(data: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"total_tokens\":";
     let pos = find(data, KEY)?;
@@ -89,6 +91,90 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    use super::scan_tokens;
+
+    /// SSE events as an engine streams them: `data: {json}` and a blank line,
+    /// usage (when present) in the event's JSON.
+    /// Generated text and, maybe, usage (prompt, completion, total).
+    type Event = (String, Option<(u64, u64, u64)>);
+
+    fn sse(events: &[Event]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (content, usage) in events {
+            let mut v = serde_json::json!({
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": content}}],
+            });
+            if let Some((p, c, t)) = usage {
+                v["usage"] = serde_json::json!({
+                    "prompt_tokens": p, "completion_tokens": c, "total_tokens": t,
+                });
+            }
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(v.to_string().as_bytes());
+            out.extend_from_slice(b"\n\n");
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        out
+    }
+
+    /// The reference: parse every event back with serde_json.
+    fn reference(chunk: &[u8]) -> Option<u64> {
+        String::from_utf8_lossy(chunk)
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+            .filter_map(|v| v["usage"]["total_tokens"].as_u64())
+            .last()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(384))]
+
+        /// Issue 9 (checks): the SSE/body scanner never panics on outside bytes.
+        #[test]
+        fn issue9_scan_tokens_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = scan_tokens(&bytes);
+        }
+
+        /// ... nor on what follows the key: signs, spaces, 20+ digit numbers.
+        #[test]
+        fn issue9_scan_tokens_never_panics_after_the_key(
+            prefix in prop::collection::vec(any::<u8>(), 0..16),
+            tail in prop::collection::vec(prop::sample::select(b"0123456789 -+.e\"".to_vec()), 0..48),
+        ) {
+            let mut b = prefix;
+            b.extend_from_slice(b"\"total_tokens\":");
+            b.extend_from_slice(&tail);
+            let got = scan_tokens(&b);
+            let digits: String = String::from_utf8_lossy(&tail)
+                .trim_start_matches(' ')
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            prop_assert_eq!(got, digits.parse::<u64>().ok());
+        }
+
+        /// On a stream of events, it finds what serde_json finds: the last
+        /// event's usage, whatever the generated text (which may itself
+        /// contain `"total_tokens":`, escaped by JSON).
+        #[test]
+        fn issue9_scan_tokens_agrees_with_serde_json(
+            events in prop::collection::vec(
+                (
+                    prop_oneof![any::<String>(), Just("\"total_tokens\": 7".to_owned())],
+                    prop::option::of((any::<u64>(), any::<u64>(), any::<u64>())),
+                ),
+                0..6,
+            )
+        ) {
+            let chunk = sse(&events);
+            prop_assert_eq!(scan_tokens(&chunk), reference(&chunk));
+        }
+    }
+
     #[test]
     fn tokens() {
         assert_eq!(

@@ -163,6 +163,40 @@ struct Peek<'a> {
     stream: Option<bool>,
 }
 
+/// What routing needs from a request body.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Peeked {
+    /// The model (or alias) asked for; never empty.
+    pub model: String,
+    pub stream: bool,
+}
+
+/// Reads `model` and `stream` from a request body: a JSON object whose
+/// `model` is a non-empty string and whose `stream`, when present, is a
+/// boolean (`null` counts as absent). Anything else is an error, never a
+/// panic: the body is outside input.
+pub(crate) fn peek(bytes: &[u8]) -> Result<Peeked, GatewayError> {
+    // serde's derived struct also accepts a JSON array (`["m", true]`) as the
+    // fields in order; OpenAI's API takes objects only, and so does the backend.
+    let first = bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first.is_some_and(|b| *b != b'{') {
+        return Err(GatewayError::BadJson(
+            "the request body must be a JSON object".into(),
+        ));
+    }
+    let p: Peek =
+        serde_json::from_slice(bytes).map_err(|e| GatewayError::BadJson(e.to_string()))?;
+    match p.model {
+        Some(m) if !m.is_empty() => Ok(Peeked {
+            model: m.into_owned(),
+            stream: p.stream.unwrap_or(false),
+        }),
+        _ => Err(GatewayError::MissingModel),
+    }
+}
+
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
@@ -313,13 +347,7 @@ async fn proxy(
         Ok(Err(_)) => return Err(no_model(GatewayError::BodyRead)),
         Ok(Ok(c)) => c.to_bytes(),
     };
-    let peek: Peek = serde_json::from_slice(&bytes)
-        .map_err(|e| no_model(GatewayError::BadJson(e.to_string())))?;
-    let _stream = peek.stream.unwrap_or(false);
-    let asked: String = match peek.model {
-        Some(m) if !m.is_empty() => m.into_owned(),
-        _ => return Err(no_model(GatewayError::MissingModel)),
-    };
+    let asked = peek(&bytes).map_err(no_model)?.model;
     let Some(route) = table.by_name.get(asked.as_str()) else {
         let shown: String = asked.chars().take(100).collect();
         return Err(no_model(GatewayError::UnknownModel(shown)));
@@ -444,17 +472,62 @@ fn not_ready(route: &ModelRoute, gw: &citadel_config::Gateway) -> GatewayError {
     }
 }
 
-/// Replaces an alias by the model's served name (the only case where the
-/// request body is re-encoded).
+/// Replaces an alias by the model's served name. Only the top-level `model`
+/// value is rewritten; every other field is copied as written (re-encoding
+/// through `Value` would change numbers: floats lose their last digit,
+/// integers beyond 64 bits become floats).
 fn rewrite_model(bytes: &[u8], name: &str) -> Result<Bytes, GatewayError> {
-    let mut v: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| GatewayError::BadJson(e.to_string()))?;
-    if let Some(obj) = v.as_object_mut() {
-        obj.insert("model".into(), serde_json::Value::String(name.to_owned()));
+    let bad = |e: serde_json::Error| GatewayError::BadJson(e.to_string());
+    let fields: Fields = serde_json::from_slice(bytes).map_err(bad)?;
+    let mut out = Vec::with_capacity(bytes.len() + name.len());
+    out.push(b'{');
+    for (i, (key, raw)) in fields.0.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, key).map_err(bad)?;
+        out.push(b':');
+        if key == "model" {
+            serde_json::to_writer(&mut out, name).map_err(bad)?;
+        } else {
+            out.extend_from_slice(raw.get().as_bytes());
+        }
     }
-    serde_json::to_vec(&v)
-        .map(Bytes::from)
-        .map_err(|e| GatewayError::BadJson(e.to_string()))
+    if !fields.0.iter().any(|(k, _)| k == "model") {
+        if !fields.0.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"model\":");
+        serde_json::to_writer(&mut out, name).map_err(bad)?;
+    }
+    out.push(b'}');
+    Ok(Bytes::from(out))
+}
+
+/// A JSON object's fields in order, values as written.
+struct Fields<'a>(Vec<(std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields<'de>, A::Error> {
+                let mut v = Vec::new();
+                while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    v.push((k, map.next_value()?));
+                }
+                Ok(Fields(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 fn json(status: StatusCode, body: String) -> Response<GwBody> {
@@ -548,5 +621,159 @@ fn preflight(table: &Table, origin: Option<&HeaderValue>) -> Response<GwBody> {
             path: String::new(),
         }
         .to_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::{peek, rewrite_model, Peeked};
+
+    /// Arbitrary JSON, a few levels deep.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::btree_map(any::<String>(), inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Request bodies: objects with other fields and, often, a `model`
+    /// (usually a string) and a `stream` (usually a boolean).
+    fn body() -> impl Strategy<Value = Value> {
+        (
+            prop::collection::btree_map(any::<String>(), json(), 0..4),
+            prop::option::of(prop_oneof![
+                3 => any::<String>().prop_map(Value::String),
+                1 => json(),
+            ]),
+            prop::option::of(prop_oneof![
+                3 => any::<bool>().prop_map(Value::Bool),
+                1 => json(),
+            ]),
+        )
+            .prop_map(|(fields, model, stream)| {
+                let mut o: serde_json::Map<String, Value> = fields.into_iter().collect();
+                if let Some(m) = model {
+                    o.insert("model".into(), m);
+                }
+                if let Some(s) = stream {
+                    o.insert("stream".into(), s);
+                }
+                Value::Object(o)
+            })
+    }
+
+    /// The reference: what the fields mean in the parsed JSON (`Err` holds
+    /// the error code).
+    fn reference(v: &Value) -> Result<Peeked, &'static str> {
+        let Some(o) = v.as_object() else {
+            return Err("invalid_json");
+        };
+        let model = match o.get("model") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err("invalid_json"),
+        };
+        let stream = match o.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err("invalid_json"),
+        };
+        match model {
+            Some(model) if !model.is_empty() => Ok(Peeked { model, stream }),
+            _ => Err("missing_model"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(384))]
+
+        /// Issue 9 (checks): the request-body scanner never panics on outside bytes.
+        #[test]
+        fn issue9_peek_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = peek(&bytes);
+        }
+
+        /// ... nor on JSON-shaped noise.
+        #[test]
+        fn issue9_peek_never_panics_on_json_like_bytes(
+            bytes in prop::collection::vec(
+                prop::sample::select(b"{}[]\":, \\nmodelstrua0129.e-".to_vec()),
+                0..256,
+            )
+        ) {
+            let _ = peek(&bytes);
+        }
+
+        /// On valid JSON it reads `model` and `stream` as serde_json's Value does.
+        #[test]
+        fn issue9_peek_agrees_with_serde_json(v in prop_oneof![3 => body(), 1 => json()]) {
+            let bytes = serde_json::to_vec(&v).unwrap();
+            let got = peek(&bytes).map_err(|e| e.code_str());
+            prop_assert_eq!(got, reference(&v), "{}", v);
+        }
+
+        /// Rewriting an alias changes `model` and nothing else (numbers are
+        /// copied as written, not re-encoded).
+        #[test]
+        fn issue9_rewrite_model_changes_only_the_model(v in body(), name in any::<String>()) {
+            let bytes = serde_json::to_vec(&v).unwrap();
+            let out = rewrite_model(&bytes, &name).unwrap();
+            // The original text read by the same parser (serde_json's float
+            // parsing is not exact: compare like with like).
+            let mut want: Value = serde_json::from_slice(&bytes).unwrap();
+            want["model"] = Value::String(name);
+            prop_assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), want);
+        }
+    }
+
+    /// serde's derived struct reads a JSON array as the fields in order: the
+    /// gateway would route `["phi3", true]` to phi3 and forward the array.
+    #[test]
+    fn issue9_peek_refuses_a_json_array() {
+        assert!(matches!(
+            peek(br#" ["phi3", true]"#),
+            Err(crate::GatewayError::BadJson(_))
+        ));
+    }
+
+    /// A backend (Python's json) takes the last of duplicate keys: routing on
+    /// one `model` and serving another must not happen.
+    #[test]
+    fn peek_refuses_duplicate_model_keys() {
+        assert!(matches!(
+            peek(br#"{"model":"phi3","model":"mixtral"}"#),
+            Err(crate::GatewayError::BadJson(_))
+        ));
+    }
+
+    #[test]
+    fn peek_reads_model_and_stream() {
+        assert_eq!(
+            peek(br#"{"model":"a\u00e9","stream":true,"x":[1]}"#).unwrap(),
+            Peeked {
+                model: "a\u{e9}".into(),
+                stream: true
+            }
+        );
+        assert!(matches!(
+            peek(br#"{"model":""}"#),
+            Err(crate::GatewayError::MissingModel)
+        ));
     }
 }
