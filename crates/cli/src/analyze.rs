@@ -117,7 +117,9 @@ fn populate_root(
 ) -> Result<()> {
     for f in &rendered.files {
         let path = f.install_path(root);
-        fs::create_dir_all(path.parent().expect("install paths have parents"))?;
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
         fs::write(&path, &f.contents)?;
     }
     // The units ours refer to (network.target, multi-user.target, ...).
@@ -136,7 +138,9 @@ fn populate_root(
     let ours = settings.paths.bin();
     for program in exec_programs(rendered) {
         let target = root.join(program.strip_prefix("/").unwrap_or(&program));
-        fs::create_dir_all(target.parent().expect("absolute"))?;
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent)?;
+        }
         let source = match program.strip_prefix(&ours) {
             Ok(name) => bin_dir.join(name),
             Err(_) => program.clone(),

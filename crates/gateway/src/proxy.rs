@@ -152,6 +152,7 @@ fn request_id(shared: &Shared, headers: &HeaderMap) -> HeaderValue {
     }
     let n = shared.ids.fetch_add(1, Relaxed);
     let s = format!("{:016x}{:016x}", shared.id_seed, n);
+    // tidy: infallible (32 hex digits are always a valid header value)
     HeaderValue::from_str(&s).expect("hex is a valid header value")
 }
 

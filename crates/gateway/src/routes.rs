@@ -296,6 +296,7 @@ pub fn spawn_prober(shared: Arc<Shared>, b: Arc<Backend>) {
             let req = hyper::Request::get(uri.clone())
                 .header("user-agent", "citadel-gateway-probe")
                 .body(Full::new(Bytes::new()))
+                // tidy: infallible (a parsed Uri, a static method and header)
                 .expect("valid probe request");
             let res = tokio::time::timeout(timeout, async {
                 let resp = shared.client.request(req).await?;
