@@ -2,10 +2,42 @@
 //! events; a binary calls [`init`] once at start.
 //!
 //! Under systemd (`JOURNAL_STREAM` is set, so stderr goes to the journal) events
-//! are sent to journald natively: the level becomes PRIORITY=, and each event's
-//! fields become journal fields in upper case (`model = "mixtral"` -> `MODEL=mixtral`),
-//! so `journalctl CITADEL_SERVICE=mixtral MODEL=...` can filter on them.
-//! Elsewhere events are printed as plain text on stderr.
+//! are sent to journald natively: the level becomes `PRIORITY=`, the message
+//! `MESSAGE=`, and each event field becomes a journal field of the same name in
+//! upper case, with no prefix (`model = "mixtral"` -> `MODEL=mixtral`; not
+//! tracing-journald's default `F_MODEL`), so the journal can be filtered on them:
+//!
+//! ```text
+//! journalctl CITADEL_SERVICE=gateway MODEL=mixtral OUTCOME=aborted
+//! journalctl -o json MODEL=mixtral
+//! ```
+//!
+//! Fields of an enclosing span are added to every event inside it (the
+//! supervisor's `MODEL=`, `ENGINE=`, `PORT=`), with `SPAN_NAME=`.
+//! tracing-journald also sets `SYSLOG_IDENTIFIER=` (the binary), `TARGET=`
+//! (the module), `CODE_FILE=` and `CODE_LINE=`; units add
+//! `CITADEL_SERVICE=NAME` (`LogExtraFields=`). Event fields never take one of
+//! those names, nor another name journald or systemd give a meaning
+//! ([`check_field_name`]; a test holds every event in the workspace to it).
+//! The fields Citadel's events carry:
+//!
+//! | field | set by | meaning |
+//! |---|---|---|
+//! | `REQUEST_ID` | gateway | the request's `X-Request-Id` (the client's, or generated) |
+//! | `MODEL` | gateway, supervisor | the model's name (not an alias); absent when a request named none |
+//! | `METHOD`, `PATH` | gateway | the API request (`POST`, `/v1/chat/completions`) |
+//! | `STATUS` | gateway | the HTTP status sent to the client |
+//! | `LATENCY_MS` | gateway | from request to the end of the response body, in milliseconds |
+//! | `STREAM` | gateway | `true` for a streamed (SSE) request |
+//! | `BACKEND` | gateway | the engine or replica that answered (its base URL) |
+//! | `PROMPT_TOKENS`, `COMPLETION_TOKENS`, `TOTAL_TOKENS` | gateway | from the response's `usage`, when it has one |
+//! | `OUTCOME` | gateway | `ok` (the whole body was sent), `aborted` (the client went away first), `upstream_error` (the engine's body broke off), or the error code of a refused request (`model_not_ready`, `invalid_api_key`, ...) |
+//! | `STATE` | gateway | a backend's health when it stops serving (`loading`, `down`) |
+//! | `ENGINE`, `PORT` | supervisor | the model's engine kind and port |
+//! | `ENGINE_PID` | supervisor | the engine's PID |
+//! | `ERROR` | all | the error, one line |
+//!
+//! Prompts, completions and API keys are never logged.
 //!
 //! The filter comes from `CITADEL_LOG` (e.g. `debug`, `citadel_gateway=trace`),
 //! defaulting to `info`.
@@ -15,6 +47,12 @@
 //! lines are dropped rather than waited for. Measured with `cargo xtask
 //! bench-gateway`: with one synchronous log line per request written to a file,
 //! the gateway added 1.0 ms at p99; with this writer 0.1 ms.
+
+mod fields;
+
+pub use fields::{
+    check_field_name, journal_field_name, FieldNameError, RESERVED_FIELDS, RESERVED_PREFIXES,
+};
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -41,7 +79,12 @@ pub fn init(syslog_identifier: &str) -> Logging {
     let filter = EnvFilter::try_from_env("CITADEL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(layer) = tracing_journald::layer() {
-            let layer = layer.with_syslog_identifier(syslog_identifier.to_owned());
+            // No `F_` prefix: fields are stored under the names the docs
+            // give (`MODEL=`); `check_field_name` keeps them clear of
+            // journald's own.
+            let layer = layer
+                .with_field_prefix(None)
+                .with_syslog_identifier(syslog_identifier.to_owned());
             let _ = tracing_subscriber::registry()
                 .with(filter)
                 .with(layer)
