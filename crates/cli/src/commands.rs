@@ -12,6 +12,11 @@ use crate::fsutil;
 use crate::observe;
 use crate::{Cli, Command};
 
+// GPU resolution through the driver (issue 10, item 5). Declared here so that
+// the crate root (main.rs) need not change; it may move there.
+#[path = "gpu.rs"]
+pub(crate) mod gpu;
+
 pub const EXIT_INVALID: u8 = 1;
 
 /// Paths resolved against `--root`.
@@ -82,11 +87,22 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Validate { bin_dir } => validate(&ctx, bin_dir),
         Command::ReportFailure { unit } => report_failure(&unit),
         Command::Install { dry_run, bin_dir } => with_checked_settings(&ctx, |s| {
+            // Units are installed only with every GPU bound to its device on
+            // this host: an unresolved GPU model would start and see no GPU.
+            let gpus = gpu::resolve_on(&ctx.root, s);
+            if !gpus.unresolved.is_empty() {
+                err!("{}", gpu_report(&ctx, gpus.unresolved_as_errors()));
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+            if !gpus.warnings.is_empty() {
+                errln!("{}", gpu_report(&ctx, gpus.warnings.clone()));
+            }
             let bin_dir = bin_dir.map_or_else(own_dir, Ok)?;
             block_on(crate::install::install(
                 &ctx.root,
                 &ctx.config,
                 s,
+                &gpus.host,
                 &bin_dir,
                 dry_run,
             ))
@@ -338,7 +354,11 @@ fn render(ctx: &Ctx, out: Option<PathBuf>) -> Result<ExitCode> {
         err!("{}", loaded.report);
     }
     let out = out.unwrap_or_else(|| rooted(&ctx.root, &loaded.settings.paths.systemd_dir()));
-    let rendered = citadel_render::render(&loaded.settings);
+    let gpus = gpu::resolve_on(&ctx.root, &loaded.settings);
+    if !gpus.diagnostics().is_empty() {
+        errln!("{}", gpu_report(ctx, gpus.diagnostics()));
+    }
+    let rendered = citadel_render::render_with(&loaded.settings, &gpus.host);
     let files: Vec<(PathBuf, String)> = rendered
         .files
         .iter()
@@ -371,6 +391,12 @@ fn render(ctx: &Ctx, out: Option<PathBuf>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// GPU diagnostics placed at the `gpus` values of the config.
+fn gpu_report(ctx: &Ctx, diags: Vec<Diagnostic>) -> Report {
+    let source = std::fs::read_to_string(&ctx.config).unwrap_or_default();
+    Report::new(&ctx.config, &source, gpu::locate(&source, diags))
+}
+
 fn validate(ctx: &Ctx, bin_dir: Option<PathBuf>) -> Result<ExitCode> {
     let loaded = match checked(ctx)? {
         Ok(l) => l,
@@ -382,15 +408,18 @@ fn validate(ctx: &Ctx, bin_dir: Option<PathBuf>) -> Result<ExitCode> {
     };
     let s = &loaded.settings;
     let host = citadel_config::check_host(s, &HostFacts::detect());
+    let source = std::fs::read_to_string(&ctx.config).unwrap_or_default();
+    let gpus = gpu::resolve_on(&ctx.root, s);
     let warnings = Report::new(
         &ctx.config,
-        &std::fs::read_to_string(&ctx.config).unwrap_or_default(),
+        &source,
         loaded
             .report
             .diagnostics
             .iter()
             .cloned()
             .chain(host)
+            .chain(gpu::locate(&source, gpus.diagnostics()))
             .collect(),
     );
     if !warnings.is_empty() {
@@ -403,7 +432,7 @@ fn validate(ctx: &Ctx, bin_dir: Option<PathBuf>) -> Result<ExitCode> {
         s.gateway.listen,
         s.gateway.port
     )?;
-    let rendered = citadel_render::render(s);
+    let rendered = citadel_render::render_with(s, &gpus.host);
     let bin_dir = bin_dir.map_or_else(own_dir, Ok)?;
     let analysis = analyze::analyze(s, &rendered, &bin_dir)?;
     if analysis.verify_ok {

@@ -193,6 +193,7 @@ pub async fn install(
     root: &Path,
     config: &Path,
     settings: &Settings,
+    host: &citadel_render::Host,
     bin_dir: &Path,
     dry_run: bool,
 ) -> Result<ExitCode> {
@@ -206,7 +207,8 @@ pub async fn install(
             bail!("install changes /etc and /opt/citadel: run it as root");
         }
     }
-    let rendered = citadel_render::render(settings);
+    // Rendered with the GPUs resolved on this host (issue 10, item 5).
+    let rendered = citadel_render::render_with(settings, host);
     let plan = plan(root, config, settings, &rendered, bin_dir)?;
     // Directories: refuse to take over one Citadel did not create, before anything changes.
     let previous = owned::Manifest::load(root)?;

@@ -50,7 +50,7 @@ fn render_writes_every_file_and_is_idempotent() {
     let first = cli.run(&["render"]);
     first.expect_code(0);
     assert!(
-        first.stdout().contains("rendered 10 files"),
+        first.stdout().contains("rendered 11 files"),
         "{}",
         first.stdout()
     );
@@ -59,9 +59,11 @@ fn render_writes_every_file_and_is_idempotent() {
         .join("citadel-model@mixtral.service.d/50-citadel.conf")
         .is_file());
     assert!(dir.join("sysusers.d/citadel.conf").is_file());
+    // The example's models have GPUs: the NVIDIA modules are loaded at boot (issue 10, item 5).
+    assert!(dir.join("modules-load.d/citadel-nvidia.conf").is_file());
     let second = cli.run(&["render"]);
     assert!(
-        second.stdout().contains("(10 unchanged)"),
+        second.stdout().contains("(11 unchanged)"),
         "{}",
         second.stdout()
     );
@@ -316,13 +318,14 @@ fn issue9_operator_files_are_never_overwritten_by_render() {
 }
 
 /// Issue 9, item 8, for `install`: an operator's file at an installed path
-/// (here the gateway's unit in /etc/systemd/system) stops the install before
+/// (here the gateway's unit in the vendor layer, /usr/local/lib/systemd/system,
+/// where install puts it since issue 10, item 3) stops the install before
 /// anything happens; `--dry-run` reports the same refusal.
 #[test]
 fn issue9_operator_files_are_never_overwritten_by_install() {
     let cli = Cli::new();
     cli.write_config(ONE_MODEL);
-    let unit = cli.path("/etc/systemd/system/citadel-gateway.service");
+    let unit = cli.path("/usr/local/lib/systemd/system/citadel-gateway.service");
     std::fs::create_dir_all(unit.parent().unwrap()).unwrap();
     let mine = "[Service]\nExecStart=/usr/local/bin/my-gateway\n";
     std::fs::write(&unit, mine).unwrap();
@@ -476,7 +479,7 @@ fn issue9_purge_keeps_model_weights_a_venv_and_foreign_files() {
         "/opt/citadel/config",
         "/var/lib/citadel",
         "/var/cache/citadel",
-        "/etc/systemd/system/citadel-gateway.service",
+        "/usr/local/lib/systemd/system/citadel-gateway.service",
         "/etc/citadel/credentials/api-keys",
     ] {
         assert!(!cli.path(gone).exists(), "purge left {gone}");

@@ -10,8 +10,9 @@ use crate::units::ByteSize;
 pub struct HostFacts {
     /// Total RAM in bytes (`MemTotal` of /proc/meminfo), if known.
     pub mem_total: Option<u64>,
-    /// Indexes of the NVIDIA GPUs present (`/dev/nvidiaN`), if known.
-    pub gpus: Option<Vec<u32>>,
+    // GPUs are not a fact read here: `/dev/nvidiaN` numbers are device
+    // minors, not the indexes `gpus` names. The CLI resolves `gpus` through
+    // the driver (`citadel-systemd`'s `gpu` module) and reports what it cannot.
 }
 
 impl HostFacts {
@@ -22,21 +23,7 @@ impl HostFacts {
             let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
             kib.checked_mul(1024)
         });
-        let gpus = std::fs::read_dir("/dev").ok().map(|dir| {
-            let mut gpus: Vec<u32> = dir
-                .filter_map(|e| {
-                    e.ok()?
-                        .file_name()
-                        .to_str()?
-                        .strip_prefix("nvidia")?
-                        .parse()
-                        .ok()
-                })
-                .collect();
-            gpus.sort_unstable();
-            gpus
-        });
-        HostFacts { mem_total, gpus }
+        HostFacts { mem_total }
     }
 }
 
@@ -64,30 +51,6 @@ pub fn check_host(settings: &Settings, facts: &HostFacts) -> Vec<Diagnostic> {
                 )
                 .help("lower some `memory_max` values, or run fewer models on this host; the kernel will otherwise OOM-kill engines under load"),
             );
-        }
-    }
-    if let Some(present) = &facts.gpus {
-        for m in &settings.models {
-            let missing: Vec<String> = m
-                .gpus
-                .iter()
-                .filter(|g| !present.contains(g))
-                .map(u32::to_string)
-                .collect();
-            if !missing.is_empty() {
-                let have = if present.is_empty() {
-                    "no NVIDIA GPU".to_owned()
-                } else {
-                    format!("GPUs {present:?}")
-                };
-                out.push(
-                    Diagnostic::warning(
-                        format!("models.{}.gpus", m.name),
-                        format!("model `{}` uses GPU {} but this host has {have}", m.name, missing.join(", ")),
-                    )
-                    .help("check `nvidia-smi -L`; the unit only allows the listed /dev/nvidiaN devices"),
-                );
-            }
         }
     }
     out

@@ -13,6 +13,7 @@
 mod checks;
 mod diag;
 mod engine;
+pub mod gpu;
 mod host;
 pub mod raw;
 mod settings;
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 pub use diag::{Diagnostic, Report, Severity};
 pub use engine::{Engine, EngineKind, ReadyCheck};
+pub use gpu::GpuRef;
 pub use host::{check_host, HostFacts};
 pub use settings::{
     units as unit_names, Gateway, Limits, Model, ModelName, Paths, Port, ServiceIdentity, Settings,

@@ -148,6 +148,13 @@ pub struct RawGateway {
     pub nofile: Option<S<i64>>,
 }
 
+/// One entry of `gpus`: an index or a UUID string, checked in validation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawGpu {
+    Index(i64),
+    Text(String),
+}
+
 /// A table of strings with the place of every key and value (`env`, `credentials`).
 pub type StrMap = BTreeMap<S<String>, S<String>>;
 
@@ -159,7 +166,7 @@ pub struct RawModel {
     pub args: Option<S<Vec<S<String>>>>,
     pub env: Option<S<StrMap>>,
     pub credentials: Option<S<StrMap>>,
-    pub gpus: Option<S<Vec<i64>>>,
+    pub gpus: Option<S<Vec<S<RawGpu>>>>,
     pub aliases: Option<S<Vec<S<String>>>>,
     pub replicas: Option<S<Vec<S<String>>>>,
     // engine programs
@@ -441,29 +448,29 @@ impl Reader {
         ok.then(|| Spanned::new(at.clone(), out))
     }
 
-    fn ints(&mut self, key: &str, item: &Item, at: &Range<usize>) -> Option<S<Vec<i64>>> {
+    /// `gpus`: an array of integers (indexes) and strings (UUIDs), each with its place.
+    fn gpus(&mut self, key: &str, item: &Item, at: &Range<usize>) -> Option<S<Vec<S<RawGpu>>>> {
         let Some(array) = item.as_array() else {
-            self.wrong_type(key, item, at, "an array of integers");
+            self.wrong_type(key, item, at, "an array of GPU indexes and UUIDs");
             return None;
         };
         let mut out = Vec::new();
-        let mut ok = true;
         for v in array.iter() {
-            match v.as_integer() {
-                Some(n) => out.push(n),
-                None => {
-                    ok = false;
-                    let vat = v.span().unwrap_or_else(|| at.clone());
+            let vat = v.span().unwrap_or_else(|| at.clone());
+            match (v.as_integer(), v.as_str()) {
+                (Some(n), _) => out.push(Spanned::new(vat, RawGpu::Index(n))),
+                (None, Some(s)) => out.push(Spanned::new(vat, RawGpu::Text(s.to_owned()))),
+                (None, None) => {
                     self.wrong_type(
                         key,
                         &Item::Value(v.clone()),
                         &vat,
-                        "an integer in the array",
+                        "a GPU index (integer) or UUID (string) in the array",
                     );
                 }
             }
         }
-        ok.then(|| Spanned::new(at.clone(), out))
+        Some(Spanned::new(at.clone(), out))
     }
 
     /// A table of strings whose keys are free (`env`, `credentials`).
@@ -582,7 +589,7 @@ impl Reader {
                 "args" => m.args = self.strings(k, item, &at),
                 "env" => m.env = self.str_map(k, item, &at),
                 "credentials" => m.credentials = self.str_map(k, item, &at),
-                "gpus" => m.gpus = self.ints(k, item, &at),
+                "gpus" => m.gpus = self.gpus(k, item, &at),
                 "aliases" => m.aliases = self.strings(k, item, &at),
                 "replicas" => m.replicas = self.strings(k, item, &at),
                 "python" => m.python = self.string(k, item, &at),

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use crate::engine::{Engine, ReadyCheck};
+use crate::gpu::GpuRef;
 use crate::units::{ByteSize, Cpus, SizeLimit, Timespan};
 
 /// A model's name: also its systemd instance name (`citadel-model@NAME.service`),
@@ -238,8 +239,10 @@ pub struct Model {
     pub env: BTreeMap<String, String>,
     /// systemd credentials: name -> host file (LoadCredential=NAME:PATH).
     pub credentials: BTreeMap<String, PathBuf>,
-    /// GPU indexes this model may use (devices and CUDA_VISIBLE_DEVICES).
-    pub gpus: Vec<u32>,
+    /// The GPUs this model may use, as configured (indexes, GPU or MIG UUIDs;
+    /// no duplicates). The CLI resolves them on the host into device minors
+    /// and UUIDs for the unit (`citadel_render::Host`).
+    pub gpus: Vec<GpuRef>,
     /// Other names clients may use for this model at the gateway.
     pub aliases: Vec<String>,
     /// Further upstreams serving the same model (`http://host:port`), balanced by the gateway.

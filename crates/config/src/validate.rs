@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use crate::checks::{self, SpanBounds};
 use crate::diag::Diagnostic;
 use crate::engine::{Engine, EngineKind, ReadyCheck};
-use crate::raw::{RawConfig, RawGateway, RawModel, StrMap, S};
+use crate::gpu::GpuRef;
+use crate::raw::{RawConfig, RawGateway, RawGpu, RawModel, StrMap, S};
 use crate::settings::{Gateway, Limits, Model, ModelName, Paths, Port, ServiceIdentity, Settings};
 use crate::units::{ByteSize, Cpus, SizeLimit, Timespan};
 
@@ -412,6 +413,8 @@ impl Validator {
         models.sort_by_key(|m| m.port);
         self.ports(raw, &gateway);
         self.alias_collisions(raw);
+        self.diags
+            .extend(crate::gpu::shared_gpu_warnings(raw, &models));
         Settings {
             source: source.to_owned(),
             paths,
@@ -1049,22 +1052,32 @@ impl Validator {
         out
     }
 
-    fn gpus(&mut self, key: &str, v: &Option<S<Vec<i64>>>) -> Vec<u32> {
+    /// Issue 10, item 5: `gpus` entries are indexes, GPU UUIDs or MIG UUIDs,
+    /// each checked for its format; one listed twice is refused.
+    fn gpus(&mut self, key: &str, v: &Option<S<Vec<S<RawGpu>>>>) -> Vec<GpuRef> {
         let Some(g) = v else { return Vec::new() };
-        let mut seen = BTreeSet::new();
-        for &i in g.get_ref() {
-            if !(0..64).contains(&i) {
-                self.error(
+        let mut out: Vec<GpuRef> = Vec::new();
+        for entry in g.get_ref() {
+            match crate::gpu::from_raw(entry.get_ref()) {
+                Err(e) => self.error(key, span(entry), e, Some(GpuRef::HELP)),
+                Ok(r) if out.contains(&r) => self.error(
                     key,
-                    span(g),
-                    format!("GPU index {i} is out of range"),
-                    Some("GPU indexes count from 0, as in `nvidia-smi -L`"),
-                );
-            } else if !seen.insert(i as u32) {
-                self.error(key, span(g), format!("GPU {i} is listed twice"), None);
+                    span(entry),
+                    format!("{r} is listed twice"),
+                    Some("list each GPU once"),
+                ),
+                Ok(r) => out.push(r),
             }
         }
-        seen.into_iter().collect()
+        if out.len() > 1 && out.iter().any(GpuRef::is_mig) {
+            self.warn(
+                key,
+                span(g),
+                "a MIG device is listed with other devices, but CUDA uses only one MIG device per process".into(),
+                "give a model one MIG device, or whole GPUs",
+            );
+        }
+        out
     }
 
     /// Issue 9, item 5: an alias names exactly one model. Two models sharing an

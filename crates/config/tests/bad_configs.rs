@@ -288,12 +288,13 @@ fn warnings_open_gateway_without_auth() {
     );
 }
 
+/// GPUs are not checked against `/dev/nvidiaN` any more (those numbers are
+/// device minors, not indexes): the CLI resolves `gpus` through the driver.
 #[test]
-fn host_warnings_memory_and_gpus() {
+fn host_warnings_memory() {
     let loaded = parse(citadel_config::EXAMPLE_CONFIG, Path::new("c.toml")).unwrap();
     let facts = HostFacts {
         mem_total: Some(24 << 30),
-        gpus: Some(vec![0]),
     };
     let warnings = citadel_config::check_host(&loaded.settings, &facts);
     let text: Vec<_> = warnings.iter().map(|w| w.message.clone()).collect();
@@ -302,12 +303,7 @@ fn host_warnings_memory_and_gpus() {
             .any(|m| m.contains("memory limits add up to 154G but this host has 24.0G of RAM")),
         "{text:?}"
     );
-    assert!(
-        text.iter()
-            .any(|m| m.contains("model `mixtral` uses GPU 1 but this host has GPUs [0]")),
-        "{text:?}"
-    );
-    assert!(text.iter().all(|m| !m.contains("`hermes` uses GPU 0")));
+    assert!(text.iter().all(|m| !m.contains("GPU")), "{text:?}");
 }
 
 /// Regression (found by the supervisor's tests): an engine-specific default such

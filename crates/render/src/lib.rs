@@ -27,6 +27,7 @@
 //! - Span arithmetic saturates (`TimeoutStopSec=` is `stop_timeout + 15s`);
 //!   a span systemd cannot hold is rendered as `infinity`.
 
+mod gpu;
 mod units;
 mod writer;
 
@@ -34,6 +35,7 @@ use std::path::{Path, PathBuf};
 
 use citadel_config::Settings;
 
+pub use gpu::{GpuBinding, Host, MODULES_LOAD_FILE};
 pub use units::{hardening_exceptions, DROP_IN_NAME, FAILURE_UNIT, GENERATED_MARK};
 pub use writer::INVALID_ACCOUNT;
 
@@ -57,6 +59,9 @@ pub enum FileKind {
     Sysusers,
     /// A tmpfiles.d entry, installed into `/usr/local/lib/tmpfiles.d`.
     Tmpfiles,
+    /// A modules-load.d entry (the NVIDIA modules, when a model has GPUs),
+    /// installed into `/usr/local/lib/modules-load.d` (issue 10, item 5).
+    ModulesLoad,
 }
 
 /// Where Citadel's units and drop-ins are installed: the vendor unit directory
@@ -75,6 +80,8 @@ pub fn legacy_dir(kind: FileKind) -> &'static str {
     match kind {
         FileKind::Unit | FileKind::DropIn => "etc/systemd/system",
         FileKind::Sysusers | FileKind::Tmpfiles => "etc",
+        // Added with issue 10: never installed in /etc.
+        FileKind::ModulesLoad => "etc",
     }
 }
 
@@ -92,7 +99,7 @@ impl RenderedFile {
     pub fn install_path(&self, root: &Path) -> PathBuf {
         let dir = match self.kind {
             FileKind::Unit | FileKind::DropIn => &VENDOR_UNIT_DIR[1..],
-            FileKind::Sysusers | FileKind::Tmpfiles => "usr/local/lib",
+            FileKind::Sysusers | FileKind::Tmpfiles | FileKind::ModulesLoad => "usr/local/lib",
         };
         root.join(dir).join(&self.path)
     }
@@ -120,8 +127,17 @@ impl Rendered {
     }
 }
 
-/// Renders the whole stack. Pure and deterministic; see the crate docs.
+/// Renders the whole stack for a host about which nothing is known (GPU
+/// indexes unresolved: see [`render_with`]). Pure and deterministic; see the
+/// crate docs.
 pub fn render(settings: &Settings) -> Rendered {
+    render_with(settings, &Host::default())
+}
+
+/// Renders the whole stack with the facts found on the host it is for (the
+/// resolved GPUs). Pure and deterministic: the same settings and host give the
+/// same bytes.
+pub fn render_with(settings: &Settings, host: &Host) -> Rendered {
     let mut files = vec![
         units::target(settings),
         units::model_template(settings),
@@ -134,8 +150,9 @@ pub fn render(settings: &Settings) -> Rendered {
         settings
             .models
             .iter()
-            .map(|m| units::model_drop_in(settings, m)),
+            .map(|m| units::model_drop_in(settings, m, host)),
     );
+    files.extend(gpu::modules_load(settings, &units::header(settings, "#")));
     files.sort_by(|a, b| a.path.cmp(&b.path));
 
     let model_units: Vec<String> = settings.models.iter().map(|m| m.unit_name()).collect();

@@ -521,6 +521,19 @@ fn check(h: &Hostile) -> Result<(), String> {
             check_tmpfiles(h, &f.contents)
         } else if name.starts_with("sysusers.d/") {
             check_sysusers(h, &f.contents)
+        } else if name == citadel_render::MODULES_LOAD_FILE {
+            // Module names only, one per line (systemd-modules-load reads the
+            // rest as comments): nothing configured reaches this file.
+            let names: Vec<&str> = first
+                .iter()
+                .map(|l| l.trim())
+                .filter(|l| !l.is_empty() && !l.starts_with(['#', ';']))
+                .collect();
+            if names == ["nvidia", "nvidia-uvm"] {
+                Ok(())
+            } else {
+                Err(format!("modules-load.d lists {names:?}"))
+            }
         } else {
             Err("unknown file".into())
         };
@@ -602,7 +615,8 @@ fn check_unit(
         }
     }
     if name.contains(".service.d/") {
-        let mut want_env = vec!["CUDA_VISIBLE_DEVICES=0".to_owned()];
+        // GPU 0 unresolved (no host facts): the order, and no CUDA_VISIBLE_DEVICES.
+        let mut want_env = vec!["CUDA_DEVICE_ORDER=PCI_BUS_ID".to_owned()];
         want_env.extend(model.env.iter().map(|(k, v)| format!("{k}={v}")));
         is_subsequence(&env, &want_env)?;
         for (k, v) in &model.env {

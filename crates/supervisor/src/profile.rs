@@ -197,10 +197,10 @@ pub fn engine_command(model: &Model, dirs: &EngineDirs) -> EngineCommand {
         ),
     };
     args.extend(model.args.iter().cloned());
-    if !model.gpus.is_empty() {
-        let ids: Vec<String> = model.gpus.iter().map(u32::to_string).collect();
-        env.insert("CUDA_VISIBLE_DEVICES".into(), ids.join(","));
-    }
+    // No CUDA_VISIBLE_DEVICES here (issue 10, item 5): the unit's drop-in sets
+    // it, from the GPUs' UUIDs resolved on the host, with CUDA_DEVICE_ORDER,
+    // and the engine inherits it. An index set here would be wrong inside the
+    // unit's device cgroup, where CUDA numbers the allowed GPUs from 0.
     // The operator's `env` wins over every profile default.
     env.extend(model.env.clone());
     EngineCommand { program, args, env }

@@ -99,3 +99,27 @@ fn command() {
 fn sim() {
     insta::assert_snapshot!(render("sim"));
 }
+
+/// Issue 10, item 5: the supervisor sets no CUDA_VISIBLE_DEVICES of its own
+/// (it set the configured indexes, which inside the unit's device cgroup name
+/// the wrong GPU or none): the unit's `Environment=` (UUIDs) is the one source.
+/// A GPU named by UUID counts like an index for tensor parallelism.
+#[test]
+fn issue10_gpu_supervisor_leaves_cuda_visible_devices_to_the_unit() {
+    for name in ["mixtral", "hermes", "phi3-gguf", "zephyr"] {
+        assert!(!render(name).contains("CUDA_VISIBLE_DEVICES"), "{name}");
+    }
+    let text = CONFIG.replace(
+        "gpus = [0, 1]",
+        "gpus = [0, \"GPU-5d5ba0d6-d33d-2b2c-524d-9e3d8d2b8a77\"]",
+    );
+    let loaded = citadel_config::parse(&text, Path::new("citadel.toml")).expect("valid");
+    let dirs = EngineDirs {
+        cache: PathBuf::from("/var/cache/citadel/mixtral"),
+        models: PathBuf::from("/opt/citadel/models/ollama"),
+    };
+    let cmd = engine_command(loaded.settings.model("mixtral").unwrap(), &dirs);
+    let tp = cmd.args.iter().position(|a| a == "--tensor-parallel-size");
+    assert_eq!(tp.map(|i| cmd.args[i + 1].as_str()), Some("2"));
+    assert!(!cmd.env.contains_key("CUDA_VISIBLE_DEVICES"));
+}

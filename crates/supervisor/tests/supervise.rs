@@ -506,6 +506,7 @@ fn command_subcommand_prints_env_and_argv() {
     );
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
-        "CUDA_VISIBLE_DEVICES=1 \\\n/opt/x/sim --host 127.0.0.1 --port 11403 --model phi3 --load-time 1s\n"
+        // No CUDA_VISIBLE_DEVICES: the unit's Environment= is its one source (issue 10, item 5).
+        "/opt/x/sim --host 127.0.0.1 --port 11403 --model phi3 --load-time 1s\n"
     );
 }

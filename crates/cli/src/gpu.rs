@@ -1,0 +1,544 @@
+//! GPU resolution on the host (issue 10, item 5): what each entry of a model's
+//! `gpus` is on this machine, asked of the NVIDIA driver.
+//!
+//! - `nvidia-smi --query-gpu=index,uuid,pci.bus_id --format=csv,noheader`
+//!   gives each GPU's index, UUID and PCI address;
+//! - `/proc/driver/nvidia/gpus/<pci>/information` gives its device minor
+//!   (`Device Minor: N`, the N of `/dev/nvidiaN`), which need not be the index;
+//! - `nvidia-smi -L` lists MIG devices under their GPU (asked only when a
+//!   model names a MIG UUID).
+//!
+//! The result is a [`citadel_render::Host`] (UUID and minor per entry) for
+//! rendering, and a diagnostic for every entry that could not be resolved.
+//!
+//! Where the driver is looked for: `nvidia-smi` on PATH and `/proc` below
+//! `--root`. Two environment variables override them, for tests and
+//! diagnosis only: `CITADEL_NVIDIA_SMI` (the program) and `CITADEL_PROC_ROOT`
+//! (the directory standing for `/proc`).
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use citadel_config::gpu::{overcommit_warning, shared_gpus};
+use citadel_config::{Diagnostic, GpuRef, Settings};
+use citadel_render::{GpuBinding, Host};
+
+/// Overrides the `nvidia-smi` program (tests, diagnosis).
+pub const SMI_ENV: &str = "CITADEL_NVIDIA_SMI";
+/// Overrides the directory read as `/proc` (tests, diagnosis).
+pub const PROC_ENV: &str = "CITADEL_PROC_ROOT";
+
+/// How long nvidia-smi may take (it can hang on a wedged driver; without
+/// persistence mode it initialises every GPU first).
+const SMI_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the driver's facts are read.
+#[derive(Debug, Clone)]
+pub struct Driver {
+    pub nvidia_smi: OsString,
+    /// The directory standing for `/proc`.
+    pub proc_root: PathBuf,
+}
+
+impl Driver {
+    /// The driver of the system below `root`: `nvidia-smi` from PATH and
+    /// `ROOT/proc`, unless [`SMI_ENV`] or [`PROC_ENV`] say otherwise.
+    pub fn for_root(root: &Path) -> Driver {
+        Driver {
+            nvidia_smi: std::env::var_os(SMI_ENV)
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| "nvidia-smi".into()),
+            proc_root: std::env::var_os(PROC_ENV)
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| root.join("proc"), PathBuf::from),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("`{0}` was not found (is the NVIDIA driver installed?)")]
+    NoSmi(String),
+    #[error("`{program} {args}` failed: {detail}")]
+    Smi {
+        program: String,
+        args: String,
+        detail: String,
+    },
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A PCI address, compared by value (nvidia-smi writes `00000000:3B:00.0`,
+/// /proc writes `0000:3b:00.0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Pci {
+    domain: u32,
+    bus: u8,
+    device: u8,
+    function: u8,
+}
+
+impl Pci {
+    /// `[DOMAIN:]BUS:DEVICE.FUNCTION` in hex, any case. Never panics.
+    pub fn parse(s: &str) -> Option<Pci> {
+        let s = s.trim();
+        let (rest, function) = s.rsplit_once('.')?;
+        let mut parts: Vec<&str> = rest.split(':').collect();
+        let device = parts.pop()?;
+        let bus = parts.pop()?;
+        let domain = match parts.as_slice() {
+            [] => "0",
+            [d] => d,
+            _ => return None,
+        };
+        let hex = |t: &str, max: usize| -> Option<u32> {
+            if t.is_empty() || t.len() > max || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            u32::from_str_radix(t, 16).ok()
+        };
+        Some(Pci {
+            domain: hex(domain, 8)?,
+            bus: u8::try_from(hex(bus, 2)?).ok()?,
+            device: u8::try_from(hex(device, 2)?).ok()?,
+            function: u8::try_from(hex(function, 1)?).ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for Pci {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.device, self.function
+        )
+    }
+}
+
+/// One line of `nvidia-smi --query-gpu=index,uuid,pci.bus_id --format=csv,noheader`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmiGpu {
+    pub index: u32,
+    pub uuid: String,
+    pub pci: Pci,
+}
+
+/// Parses the query's output; lines that are not `index, GPU-uuid, pci` are
+/// skipped (a GPU nvidia-smi cannot read shows `[N/A]` or an error text).
+pub fn parse_query(text: &str) -> Vec<SmiGpu> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.split(',').map(str::trim);
+            let index = f.next()?.parse().ok()?;
+            let uuid = match GpuRef::parse(f.next()?).ok()? {
+                GpuRef::Gpu(u) => u,
+                _ => return None,
+            };
+            let pci = Pci::parse(f.next()?)?;
+            f.next().is_none().then_some(SmiGpu { index, uuid, pci })
+        })
+        .collect()
+}
+
+/// What `/proc/driver/nvidia/gpus/<pci>/information` says about one GPU.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcGpu {
+    pub minor: Option<u32>,
+    pub pci: Option<Pci>,
+    pub uuid: Option<String>,
+}
+
+/// Parses an `information` file (`Key: \t value` lines). Never panics.
+pub fn parse_information(text: &str) -> ProcGpu {
+    let mut out = ProcGpu::default();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match key.trim() {
+            "Device Minor" => out.minor = value.parse().ok(),
+            "Bus Location" => out.pci = Pci::parse(value),
+            "GPU UUID" => {
+                out.uuid = match GpuRef::parse(value) {
+                    Ok(GpuRef::Gpu(u)) => Some(u),
+                    _ => None,
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `nvidia-smi -L`: (GPU UUID, MIG UUIDs listed under it).
+pub fn parse_list(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for line in text.lines() {
+        let Some(uuid) = line
+            .split_once("(UUID: ")
+            .and_then(|(_, rest)| rest.split(')').next())
+        else {
+            continue;
+        };
+        match GpuRef::parse(uuid.trim()) {
+            Ok(GpuRef::Gpu(u)) if line.trim_start().starts_with("GPU ") => {
+                out.push((u, Vec::new()))
+            }
+            Ok(GpuRef::Mig(m)) if line.trim_start().starts_with("MIG ") => {
+                if let Some((_, migs)) = out.last_mut() {
+                    migs.push(m);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// One GPU as the driver describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub index: u32,
+    pub uuid: String,
+    pub pci: Pci,
+    /// `/dev/nvidia<minor>`; None when /proc has no entry for the GPU.
+    pub minor: Option<u32>,
+    pub migs: Vec<String>,
+}
+
+fn run_smi(driver: &Driver, args: &[&str]) -> Result<String, DriverError> {
+    let shown = driver.nvidia_smi.to_string_lossy().into_owned();
+    let smi_error = |detail: String| DriverError::Smi {
+        program: shown.clone(),
+        args: args.join(" "),
+        detail,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| smi_error(format!("cannot start the async runtime: {e}")))?;
+    let out = runtime.block_on(async {
+        let child = tokio::process::Command::new(&driver.nvidia_smi)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        tokio::time::timeout(SMI_TIMEOUT, child).await
+    });
+    match out {
+        Err(_) => Err(smi_error(format!(
+            "no answer within {}s",
+            SMI_TIMEOUT.as_secs()
+        ))),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Err(DriverError::NoSmi(shown)),
+        Ok(Err(e)) => Err(smi_error(e.to_string())),
+        Ok(Ok(o)) if !o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stderr);
+            let text = if text.trim().is_empty() {
+                String::from_utf8_lossy(&o.stdout)
+            } else {
+                text
+            };
+            Err(smi_error(format!("{}: {}", o.status, text.trim())))
+        }
+        Ok(Ok(o)) => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
+    }
+}
+
+/// Asks the driver about every GPU (and their MIG devices when `with_mig`).
+pub fn query(driver: &Driver, with_mig: bool) -> Result<Vec<DeviceInfo>, DriverError> {
+    let listed = parse_query(&run_smi(
+        driver,
+        &["--query-gpu=index,uuid,pci.bus_id", "--format=csv,noheader"],
+    )?);
+    let dir = driver.proc_root.join("driver/nvidia/gpus");
+    let mut procs = Vec::new();
+    let entries = std::fs::read_dir(&dir).map_err(|source| DriverError::Read {
+        path: dir.clone(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let path = entry.path().join("information");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let mut info = parse_information(&text);
+        if info.pci.is_none() {
+            info.pci = entry.file_name().to_str().and_then(Pci::parse);
+        }
+        procs.push(info);
+    }
+    let migs = if with_mig {
+        parse_list(&run_smi(driver, &["-L"])?)
+    } else {
+        Vec::new()
+    };
+    Ok(listed
+        .into_iter()
+        .map(|g| {
+            let minor = procs
+                .iter()
+                .find(|p| p.pci == Some(g.pci))
+                .or_else(|| procs.iter().find(|p| p.uuid.as_deref() == Some(&g.uuid)))
+                .and_then(|p| p.minor);
+            let migs = migs
+                .iter()
+                .find(|(u, _)| *u == g.uuid)
+                .map(|(_, m)| m.clone())
+                .unwrap_or_default();
+            DeviceInfo {
+                index: g.index,
+                uuid: g.uuid,
+                pci: g.pci,
+                minor,
+                migs,
+            }
+        })
+        .collect())
+}
+
+/// The GPUs of a stack on this host.
+#[derive(Debug, Default)]
+pub struct Resolution {
+    /// What to render with.
+    pub host: Host,
+    /// One warning per model with entries that were not resolved (for
+    /// `install`, errors: see [`Resolution::unresolved_as_errors`]).
+    pub unresolved: Vec<Diagnostic>,
+    /// Models sharing a GPU that only resolution shows (an index and a UUID of
+    /// one GPU) whose memory shares add up past 1.0.
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Resolution {
+    pub fn unresolved_as_errors(&self) -> Vec<Diagnostic> {
+        self.unresolved
+            .iter()
+            .map(|d| Diagnostic {
+                severity: citadel_config::Severity::Error,
+                ..d.clone()
+            })
+            .collect()
+    }
+
+    /// Every diagnostic, as warnings (for `render` and `validate`).
+    pub fn diagnostics(&self) -> Vec<Diagnostic> {
+        self.unresolved
+            .iter()
+            .chain(&self.warnings)
+            .cloned()
+            .collect()
+    }
+}
+
+/// Resolves the stack's GPUs on the system below `root` (asks the driver
+/// only when a model has GPUs).
+pub fn resolve_on(root: &Path, settings: &Settings) -> Resolution {
+    let refs: BTreeSet<&GpuRef> = settings.models.iter().flat_map(|m| &m.gpus).collect();
+    if refs.is_empty() {
+        return Resolution::default();
+    }
+    let with_mig = refs.iter().any(|r| r.is_mig() && r.mig_parent().is_none());
+    resolve(settings, &query(&Driver::for_root(root), with_mig))
+}
+
+/// Resolves every entry against what the driver said (pure; the tests'
+/// entry point).
+pub fn resolve(settings: &Settings, devices: &Result<Vec<DeviceInfo>, DriverError>) -> Resolution {
+    let mut out = Resolution::default();
+    for m in &settings.models {
+        let mut missing = Vec::new();
+        for r in &m.gpus {
+            let found = match devices {
+                Ok(devices) => find(devices, r),
+                Err(e) => Err(e.to_string()),
+            };
+            match found {
+                Ok(binding) => {
+                    out.host.gpus.insert(r.clone(), binding);
+                }
+                Err(why) => missing.push(format!("{r} ({why})")),
+            }
+        }
+        if !missing.is_empty() {
+            out.unresolved.push(
+                Diagnostic::warning(
+                    format!("models.{}.gpus", m.name),
+                    format!(
+                        "model `{}`: not resolved on this host: {}",
+                        m.name,
+                        missing.join("; ")
+                    ),
+                )
+                .help("Citadel binds a GPU by its UUID and device minor, which it asks the NVIDIA driver for (`nvidia-smi -L` lists the GPUs); see docs/gpus.md. `install` refuses until every GPU resolves"),
+            );
+        }
+    }
+    let host = &out.host;
+    for shared in shared_gpus(&settings.models, |r| host.identity(r)) {
+        // Named the same way by every model: the config's check reported it.
+        let names: BTreeSet<String> = shared
+            .models
+            .iter()
+            .flat_map(|m| &m.gpus)
+            .filter(|r| host.identity(r) == shared.gpu)
+            .map(ToString::to_string)
+            .collect();
+        if names.len() < 2 {
+            continue;
+        }
+        // "GPU 0 (GPU-5d5b...)": the other names of the GPU, then its UUID.
+        let others: Vec<String> = names.into_iter().filter(|n| *n != shared.gpu).collect();
+        let gpu = format!("{} ({})", others.join(", "), shared.gpu);
+        out.warnings.extend(overcommit_warning(&shared, &gpu));
+    }
+    out
+}
+
+/// The binding of one entry, or why there is none.
+fn find(devices: &[DeviceInfo], r: &GpuRef) -> Result<GpuBinding, String> {
+    let have = || {
+        let indexes: Vec<String> = devices.iter().map(|d| d.index.to_string()).collect();
+        if indexes.is_empty() {
+            "the driver lists no GPU".to_owned()
+        } else {
+            format!("the driver lists GPUs {}", indexes.join(", "))
+        }
+    };
+    let (device, uuid) = match r {
+        GpuRef::Index(i) => {
+            let d = devices
+                .iter()
+                .find(|d| d.index == *i)
+                .ok_or_else(|| format!("no such index; {}", have()))?;
+            (d, d.uuid.clone())
+        }
+        GpuRef::Gpu(u) => {
+            let d = devices
+                .iter()
+                .find(|d| d.uuid == *u)
+                .ok_or_else(|| format!("no GPU has this UUID; {}", have()))?;
+            (d, u.clone())
+        }
+        GpuRef::Mig(u) => {
+            let d = match r.mig_parent() {
+                Some(parent) => devices.iter().find(|d| d.uuid == parent),
+                None => devices.iter().find(|d| d.migs.contains(u)),
+            }
+            .ok_or("no GPU lists this MIG device (`nvidia-smi -L`)")?;
+            (d, u.clone())
+        }
+    };
+    let minor = device.minor.ok_or_else(|| {
+        format!(
+            "no device minor for {} in /proc/driver/nvidia/gpus/{}/information",
+            device.uuid, device.pci
+        )
+    })?;
+    Ok(GpuBinding { uuid, minor })
+}
+
+/// Places `diags` at their `gpus` values in the config `source`, so that
+/// reports show file:line:col (the model's own `gpus`, else the default's).
+pub fn locate(source: &str, diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    let Ok(doc) = toml_edit::ImDocument::parse(source) else {
+        return diags;
+    };
+    let span_of = |key: &str| -> Option<std::ops::Range<usize>> {
+        let model = key.strip_prefix("models.")?.strip_suffix(".gpus")?;
+        let own = doc
+            .get("models")
+            .and_then(|m| m.get(model))
+            .and_then(|m| m.get("gpus"))
+            .and_then(toml_edit::Item::span);
+        own.or_else(|| {
+            doc.get("model_defaults")
+                .and_then(|m| m.get("gpus"))
+                .and_then(toml_edit::Item::span)
+        })
+    };
+    diags
+        .into_iter()
+        .map(|d| {
+            if d.span.is_some() {
+                return d;
+            }
+            let at = span_of(&d.key);
+            d.at(at)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const QUERY: &str = "0, GPU-5d5ba0d6-d33d-2b2c-524d-9e3d8d2b8a77, 00000000:3B:00.0\n\
+                         1, GPU-0a1b2c3d-4e5f-6789-abcd-ef0123456789, 00000000:86:00.0\n\
+                         2, [N/A], 00000000:AF:00.0\n";
+
+    #[test]
+    fn query_lines_are_parsed_and_bad_ones_skipped() {
+        let gpus = parse_query(QUERY);
+        assert_eq!(gpus.len(), 2);
+        assert_eq!(gpus[0].index, 0);
+        assert_eq!(gpus[0].pci.to_string(), "0000:3b:00.0");
+        assert_eq!(gpus[1].uuid, "GPU-0a1b2c3d-4e5f-6789-abcd-ef0123456789");
+    }
+
+    #[test]
+    fn information_file_gives_the_minor() {
+        let text = "Model: \t\t NVIDIA A100-SXM4-40GB\nIRQ:   \t\t 150\nGPU UUID: \t GPU-5d5ba0d6-d33d-2b2c-524d-9e3d8d2b8a77\nVideo BIOS: \t 92.00.19.00.01\nBus Type: \t PCIe\nDMA Size: \t 47 bits\nDMA Mask: \t 0x7fffffffffff\nBus Location: \t 0000:3b:00.0\nDevice Minor: \t 1\nGPU Excluded:\t No\n";
+        let info = parse_information(text);
+        assert_eq!(info.minor, Some(1));
+        assert_eq!(info.pci, Pci::parse("00000000:3B:00.0"));
+        assert_eq!(
+            info.uuid.as_deref(),
+            Some("GPU-5d5ba0d6-d33d-2b2c-524d-9e3d8d2b8a77")
+        );
+    }
+
+    #[test]
+    fn list_gives_mig_devices_under_their_gpu() {
+        let text = "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5d5ba0d6-d33d-2b2c-524d-9e3d8d2b8a77)\n  MIG 1g.5gb      Device  0: (UUID: MIG-c6d4f1ef-42e4-5de3-91c7-45d71c87eb3f)\nGPU 1: NVIDIA A100 (UUID: GPU-0a1b2c3d-4e5f-6789-abcd-ef0123456789)\n";
+        let list = parse_list(text);
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].1, ["MIG-c6d4f1ef-42e4-5de3-91c7-45d71c87eb3f"]);
+        assert!(list[1].1.is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The driver's output is outside input: its parsers never panic.
+        #[test]
+        fn issue10_gpu_driver_parsers_never_panic(text in "\\PC{0,300}") {
+            let _ = parse_query(&text);
+            let _ = parse_information(&text);
+            let _ = parse_list(&text);
+            let _ = Pci::parse(&text);
+        }
+
+        #[test]
+        fn issue10_gpu_driver_parsers_never_panic_on_near_misses(
+            index in "[0-9N/A\\[\\] ]{0,4}",
+            uuid in "(GPU-|MIG-)?[0-9a-fA-F-]{0,40}",
+            pci in "[0-9a-fA-F:.]{0,20}",
+            minor in "[0-9 -]{0,12}",
+        ) {
+            let _ = parse_query(&format!("{index}, {uuid}, {pci}\n"));
+            let _ = parse_information(&format!("Bus Location: {pci}\nDevice Minor: {minor}\nGPU UUID: {uuid}\n"));
+            let _ = parse_list(&format!("GPU {index}: X (UUID: {uuid})\n  MIG 1g Device 0: (UUID: {uuid}\n"));
+        }
+    }
+}
