@@ -4,8 +4,12 @@
 //! - 0: success;
 //! - 1: validation failed (the config, `systemd-analyze verify` or the security targets);
 //! - 2: usage or runtime error (bad arguments, unreadable files, a failing tool,
-//!   systemd not running as PID 1);
-//! - 3: a service did not reach the requested state (`start`, `stop`, ...).
+//!   systemd not running as PID 1), including a refusal that changed nothing: a
+//!   file where Citadel renders its own that Citadel did not write, or an existing
+//!   directory holding other files whose mode or owner install would change;
+//! - 3: a service did not reach the requested state (`start`, `stop`, ...), or,
+//!   for `status`, a listed service (default: the whole stack) is not running
+//!   (systemctl's convention).
 //!
 //! `health` has its own: 0 healthy, 1 degraded, 2 down.
 
@@ -90,7 +94,8 @@ enum Command {
     Enable { services: Vec<String> },
     /// Disable services at boot (default: the whole stack)
     Disable { services: Vec<String> },
-    /// Show state, uptime, PID, memory, restarts, port and status text
+    /// Show state, uptime, PID, memory, restarts, port and status text; exit 3 if any
+    /// listed service (default: the whole stack) is not active, like `systemctl status`
     Status {
         services: Vec<String>,
         #[arg(long)]
@@ -104,7 +109,7 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
-    /// Show the journal of Citadel's services, interleaved (default: all)
+    /// Show the journal of Citadel's services, interleaved (default: all); pages on a terminal
     Logs {
         services: Vec<String>,
         #[arg(short, long)]
@@ -115,7 +120,7 @@ enum Command {
         /// e.g. err, warning, info
         #[arg(short, long)]
         priority: Option<String>,
-        /// Number of most recent lines
+        /// Number of most recent lines [default: 1000, like `journalctl -e`; with --follow, 10]
         #[arg(short = 'n', long)]
         lines: Option<u32>,
         #[arg(long)]

@@ -186,8 +186,8 @@ fn systemd_commands_refuse_clearly_without_systemd_as_pid1() {
     cli.write_config(ONE_MODEL);
     let out = cli.run(&["status"]);
     if std::path::Path::new("/run/systemd/system").is_dir() {
-        // A host booted with systemd: status of units that do not exist is harmless.
-        out.expect_code(0);
+        // A host booted with systemd: units that do not exist are not running (exit 3).
+        out.expect_code(3);
         return;
     }
     out.expect_code(2);
