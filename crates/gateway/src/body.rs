@@ -9,6 +9,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::proxy::Finish;
+use crate::reqlog::Usage;
 
 pub enum GwBody {
     Full(Option<Bytes>),
@@ -16,6 +17,15 @@ pub enum GwBody {
 }
 
 impl GwBody {
+    /// An upstream body passed through; `finish` is told how it ended. A
+    /// body that is empty from the start (`Content-Length: 0`) is complete
+    /// before hyper looks at it.
+    pub fn stream(inner: Incoming, mut finish: Finish) -> GwBody {
+        if inner.is_end_stream() {
+            finish.complete();
+        }
+        GwBody::Stream { inner, finish }
+    }
     pub fn full(b: impl Into<Bytes>) -> GwBody {
         GwBody::Full(Some(b.into()))
     }
@@ -35,11 +45,18 @@ impl Body for GwBody {
         match self.get_mut() {
             GwBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             GwBody::Stream { inner, finish } => {
-                let r = Pin::new(inner).poll_frame(cx);
+                let r = Pin::new(&mut *inner).poll_frame(cx);
                 match &r {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
                             finish.saw_data(data);
+                        }
+                        // hyper stops polling once `is_end_stream()` is true
+                        // (after the last frame of a body with a
+                        // Content-Length), so the `None` below never comes
+                        // for such a body: the frame in hand is its end.
+                        if inner.is_end_stream() {
+                            finish.complete();
                         }
                     }
                     Poll::Ready(Some(Err(_))) => finish.upstream_error(),
@@ -71,9 +88,26 @@ impl Body for GwBody {
 /// stream (usage comes last). `None` when there is none or N does not fit a
 /// u64; never panics, whatever the bytes.
 pub fn scan_tokens(data: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"\"total_tokens\":";
-    let pos = find(data, KEY)?;
-    let rest = &data[pos + KEY.len()..];
+    scan_u64(data, b"\"total_tokens\":")
+}
+
+/// The usage in a chunk of a response body or SSE stream: `None` unless it
+/// has a `"total_tokens":N`; then the last `"prompt_tokens":N` and
+/// `"completion_tokens":N` as well, when present. The chunks without usage
+/// (nearly all of a stream) cost one scan, as before. Never panics.
+pub fn scan_usage(data: &[u8]) -> Option<Usage> {
+    let total = scan_tokens(data)?;
+    Some(Usage {
+        prompt: scan_u64(data, b"\"prompt_tokens\":"),
+        completion: scan_u64(data, b"\"completion_tokens\":"),
+        total: Some(total),
+    })
+}
+
+/// The number after the last `key` (spaces allowed), if it fits a u64.
+fn scan_u64(data: &[u8], key: &[u8]) -> Option<u64> {
+    let pos = find(data, key)?;
+    let rest = &data[pos + key.len()..];
     let rest = &rest[rest.iter().take_while(|b| **b == b' ').count()..];
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
@@ -172,6 +206,47 @@ mod tests {
         ) {
             let chunk = sse(&events);
             prop_assert_eq!(scan_tokens(&chunk), reference(&chunk));
+        }
+    }
+
+    /// The reference for [`super::scan_usage`]: the last event's usage.
+    fn reference_usage(chunk: &[u8]) -> Option<crate::reqlog::Usage> {
+        String::from_utf8_lossy(chunk)
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+            .filter(|v| v["usage"]["total_tokens"].is_u64())
+            .map(|v| crate::reqlog::Usage {
+                prompt: v["usage"]["prompt_tokens"].as_u64(),
+                completion: v["usage"]["completion_tokens"].as_u64(),
+                total: v["usage"]["total_tokens"].as_u64(),
+            })
+            .last()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Issue 10, item 4 (the request's journal entry has prompt and
+        /// completion tokens): the usage scanner never panics ...
+        #[test]
+        fn scan_usage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = super::scan_usage(&bytes);
+        }
+
+        /// ... and finds what serde_json finds in the last event's usage.
+        #[test]
+        fn scan_usage_agrees_with_serde_json(
+            events in prop::collection::vec(
+                (
+                    prop_oneof![any::<String>(), Just("\"prompt_tokens\": 7".to_owned())],
+                    prop::option::of((any::<u64>(), any::<u64>(), any::<u64>())),
+                ),
+                0..6,
+            )
+        ) {
+            let chunk = sse(&events);
+            prop_assert_eq!(super::scan_usage(&chunk), reference_usage(&chunk));
         }
     }
 

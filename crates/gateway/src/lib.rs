@@ -20,6 +20,7 @@ mod body;
 mod error;
 mod metrics;
 mod proxy;
+mod reqlog;
 mod routes;
 
 use std::net::SocketAddr;
@@ -328,7 +329,7 @@ async fn accept_loop(
             _ = shared.status_changed.notified() => {
                 let s = status_line(&shared);
                 if s != last_status {
-                    tracing::info!(status = %s, "model availability changed");
+                    tracing::info!(availability = %s, "model availability changed: {s}");
                     notify(&[sd_notify::NotifyState::Status(&s)]);
                     last_status = s;
                 }

@@ -11,9 +11,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use crate::body::{scan_tokens, GwBody};
+use crate::body::{scan_usage, GwBody};
 use crate::error::GatewayError;
 use crate::metrics::{ModelLabel, ModelStatus};
+use crate::reqlog::{outcome, RequestEvent, Usage};
 use crate::routes::{Backend, Health, ModelRoute, Table};
 use crate::Shared;
 
@@ -62,25 +63,31 @@ pub struct Finish {
     shared: Arc<Shared>,
     backend: Arc<Backend>,
     model: String,
+    method: Method,
+    path: &'static str,
+    stream: bool,
     status: u16,
     t0: Instant,
     request_id: HeaderValue,
-    tokens: Option<u64>,
+    usage: Usage,
+    /// `aborted` until the body is known to have ended.
     outcome: &'static str,
 }
 
 impl Finish {
     pub fn saw_data(&mut self, data: &Bytes) {
-        if let Some(t) = scan_tokens(data) {
-            self.tokens = Some(t);
+        if let Some(u) = scan_usage(data) {
+            self.usage = u;
         }
     }
+    /// The upstream body broke off.
     pub fn upstream_error(&mut self) {
-        self.outcome = "upstream_error";
+        self.outcome = outcome::UPSTREAM_ERROR;
     }
+    /// The whole body was handed on.
     pub fn complete(&mut self) {
-        if self.outcome == "aborted" {
-            self.outcome = "ok";
+        if self.outcome == outcome::ABORTED {
+            self.outcome = outcome::OK;
         }
     }
 }
@@ -95,12 +102,18 @@ impl Drop for Finish {
             .dec();
         account(
             &self.shared,
-            &self.model,
-            self.status,
-            self.t0,
-            &self.request_id,
-            self.tokens,
-            self.outcome,
+            RequestEvent {
+                method: self.method.as_str(),
+                path: self.path,
+                request_id: self.request_id.to_str().unwrap_or("-"),
+                model: &self.model,
+                stream: Some(self.stream),
+                status: self.status,
+                elapsed: self.t0.elapsed(),
+                backend: Some(&self.backend.base),
+                usage: self.usage,
+                outcome: self.outcome,
+            },
         );
     }
 }
@@ -112,35 +125,38 @@ fn model_label(model: &str) -> ModelLabel {
 }
 
 /// Metrics and the one journal entry per API request.
-fn account(
-    shared: &Shared,
-    model: &str,
-    status: u16,
-    t0: Instant,
-    request_id: &HeaderValue,
-    tokens: Option<u64>,
-    outcome: &'static str,
-) {
-    let elapsed = t0.elapsed();
+fn account(shared: &Shared, ev: RequestEvent<'_>) {
     let m = &shared.metrics;
     m.requests
         .get_or_create(&ModelStatus {
-            model: model.to_owned(),
-            status,
+            model: ev.model.to_owned(),
+            status: ev.status,
         })
         .inc();
     m.latency
-        .get_or_create(&model_label(model))
-        .observe(elapsed.as_secs_f64());
-    tracing::info!(
-        request_id = request_id.to_str().unwrap_or("-"),
-        model,
-        status,
-        latency_ms = (elapsed.as_micros() as f64) / 1000.0,
-        tokens,
-        outcome,
-        "request"
-    );
+        .get_or_create(&model_label(ev.model))
+        .observe(ev.elapsed.as_secs_f64());
+    ev.emit();
+}
+
+/// An API path as logged: the API's own paths without allocating, any other
+/// (a 404) cut to 100 characters.
+fn logged_path(path: &str) -> std::borrow::Cow<'static, str> {
+    match api_path(path) {
+        Some(p) => p.into(),
+        None => path.chars().take(100).collect::<String>().into(),
+    }
+}
+
+fn api_path(path: &str) -> Option<&'static str> {
+    [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+    ]
+    .into_iter()
+    .find(|p| *p == path)
 }
 
 fn request_id(shared: &Shared, headers: &HeaderMap) -> HeaderValue {
@@ -207,21 +223,29 @@ pub async fn handle(
     let table = shared.table();
     let origin = req.headers().get(header::ORIGIN).cloned();
     let is_api = req.uri().path().starts_with("/v1/");
+    // For the journal entry of a refused API request.
+    let api = is_api.then(|| (req.method().clone(), logged_path(req.uri().path())));
     let mut resp = if req.method() == Method::OPTIONS {
         preflight(&table, origin.as_ref())
     } else {
         match dispatch(&shared, &table, req, t0, &rid).await {
             Ok(r) => r,
             Err((model, e)) => {
-                if is_api {
+                if let Some((method, path)) = &api {
                     account(
                         &shared,
-                        &model,
-                        e.status().as_u16(),
-                        t0,
-                        &rid,
-                        None,
-                        e.code_str(),
+                        RequestEvent {
+                            method: method.as_str(),
+                            path,
+                            request_id: rid.to_str().unwrap_or("-"),
+                            model: &model,
+                            stream: None,
+                            status: e.status().as_u16(),
+                            elapsed: t0.elapsed(),
+                            backend: None,
+                            usage: Usage::default(),
+                            outcome: e.code_str(),
+                        },
                     );
                 }
                 e.to_response()
@@ -348,7 +372,8 @@ async fn proxy(
         Ok(Err(_)) => return Err(no_model(GatewayError::BodyRead)),
         Ok(Ok(c)) => c.to_bytes(),
     };
-    let asked = peek(&bytes).map_err(no_model)?.model;
+    let peeked = peek(&bytes).map_err(no_model)?;
+    let (asked, stream) = (peeked.model, peeked.stream);
     let Some(route) = table.by_name.get(asked.as_str()) else {
         let shown: String = asked.chars().take(100).collect();
         return Err(no_model(GatewayError::UnknownModel(shown)));
@@ -366,6 +391,7 @@ async fn proxy(
         parts.headers.remove(*h);
     }
     parts.headers.insert(X_REQUEST_ID.clone(), rid.clone());
+    let path = api_path(parts.uri.path()).unwrap_or("/v1/");
     let path_q = parts
         .uri
         .path_and_query()
@@ -417,13 +443,16 @@ async fn proxy(
                     shared: shared.clone(),
                     backend,
                     model,
+                    method: parts.method.clone(),
+                    path,
+                    stream,
                     status: rparts.status.as_u16(),
                     t0,
                     request_id: rid.clone(),
-                    tokens: None,
-                    outcome: "aborted",
+                    usage: Usage::default(),
+                    outcome: outcome::ABORTED,
                 };
-                let resp = Response::from_parts(rparts, GwBody::Stream { inner, finish });
+                let resp = Response::from_parts(rparts, GwBody::stream(inner, finish));
                 let overhead = t0.elapsed().saturating_sub(upstream_wait);
                 shared.metrics.overhead.observe(overhead.as_secs_f64());
                 return Ok(resp);

@@ -91,10 +91,10 @@ impl Backend {
         if old != h {
             match h {
                 Health::Ready => {
-                    tracing::info!(model = %self.model, backend = %self.base, "backend ready")
+                    tracing::info!(model = %self.model, backend = %self.base, "backend ready: model {} at {}", self.model, self.base)
                 }
                 _ => {
-                    tracing::warn!(model = %self.model, backend = %self.base, state = h.as_str(), "backend not serving")
+                    tracing::warn!(model = %self.model, backend = %self.base, state = h.as_str(), "backend not serving: model {} at {} is {}", self.model, self.base, h.as_str())
                 }
             }
         }
