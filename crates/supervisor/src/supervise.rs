@@ -174,7 +174,7 @@ pub async fn run(
             return Ok(Outcome::SpawnFailed(msg));
         }
     };
-    info!(pid = engine.pid.as_raw(), program = %cmd.program.display(), args = ?cmd.args, "engine started; waiting until it can serve");
+    info!(engine_pid = engine.pid.as_raw(), program = %cmd.program.display(), args = ?cmd.args, "engine of {name} started (PID {}); waiting until it can serve", engine.pid.as_raw());
 
     // Loading: progress, an extended start timeout capped at start_timeout, pings while alive.
     let extend = |notifier: &Notifier, status: &str| {
@@ -257,7 +257,7 @@ pub async fn run(
             _ = &mut deadline, if loading => {
                 let reason = match &phase { Phase::Loading { last_reason } => last_reason.clone(), _ => String::new() };
                 let msg = format!("{name} did not become ready within start_timeout {} (last probe: {reason})", model.start_timeout);
-                error!(start_timeout_s = secs(start_timeout), last_probe = %reason, "model did not become ready within start_timeout; stopping the engine");
+                error!(start_timeout_s = secs(start_timeout), last_probe = %reason, "{name} did not become ready within start_timeout; stopping the engine");
                 notifier.status(&format!("failed: {msg}"));
                 break Outcome::NotReady(msg);
             }
@@ -288,7 +288,7 @@ pub async fn run(
                 match (ev, &mut phase) {
                     (ProbeEvent::Ready(Ok(())), Phase::Loading { .. }) => {
                         let took = engine.started.elapsed();
-                        info!(ready_after_ms = took.as_millis() as u64, "model is ready to serve");
+                        info!(ready_after_ms = took.as_millis() as u64, "{name} is ready to serve on {}:{} (after {:.1} s)", crate::profile::ENGINE_HOST, model.port, took.as_secs_f64());
                         let status = format!("serving {name} on 127.0.0.1:{} (ready after {} s)", model.port, secs(took));
                         notifier.send(&[NotifyState::Ready, NotifyState::Status(&status)]);
                         phase = Phase::Serving { failing_since: None, withheld: false };
@@ -350,9 +350,9 @@ pub async fn run(
         );
         let report = engine.stop(stop_timeout, &mut ping).await;
         if report.killed {
-            warn!(took_ms = report.took.as_millis() as u64, "engine did not exit within the stop grace period; sent SIGKILL to its process group");
+            warn!(took_ms = report.took.as_millis() as u64, "engine of {name} did not exit within the stop grace period; sent SIGKILL to its process group");
         } else {
-            info!(took_ms = report.took.as_millis() as u64, exit = %engine.exit.map_or("unknown".into(), |e| e.to_string()), "engine stopped");
+            info!(took_ms = report.took.as_millis() as u64, exit = %engine.exit.map_or("unknown".into(), |e| e.to_string()), "engine of {name} stopped");
         }
     }
     Ok(outcome)
