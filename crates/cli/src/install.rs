@@ -40,8 +40,37 @@ pub struct Plan {
     render_dir: PathBuf,
 }
 
+/// Where Citadel's units and drop-ins go: the vendor layer (issue 10, item 3).
 fn unit_dir(root: &Path) -> PathBuf {
-    rooted(root, Path::new("/etc/systemd/system"))
+    rooted(root, Path::new(citadel_render::VENDOR_UNIT_DIR))
+}
+
+/// The administrator's layer: enablement symlinks (systemd's) and operators'
+/// drop-ins. Citadel versions before issue 10 installed their files here.
+fn admin_unit_dir(root: &Path) -> PathBuf {
+    rooted(root, Path::new(citadel_render::ADMIN_UNIT_DIR))
+}
+
+/// Citadel's own files left where versions before issue 10 installed them
+/// (`/etc/systemd/system`, `/etc/sysusers.d`, `/etc/tmpfiles.d`), to remove
+/// when installing into the vendor layer. A file there is Citadel's only if it
+/// starts with `GENERATED_MARK` and, when there is an install record, the
+/// record lists it: a copy an operator made with `systemctl edit --full`
+/// starts with Citadel's header too, and is theirs.
+pub fn legacy_files(root: &Path, previous: Option<&owned::Manifest>) -> Vec<PathBuf> {
+    let logical = |p: &Path| Path::new("/").join(p.strip_prefix(root).unwrap_or(p));
+    let mut found = fsutil::generated_files(&admin_unit_dir(root), 1);
+    for f in [
+        "/etc/sysusers.d/citadel.conf",
+        "/etc/tmpfiles.d/citadel.conf",
+    ] {
+        let p = rooted(root, Path::new(f));
+        if fsutil::is_generated(&p) {
+            found.push(p);
+        }
+    }
+    found.retain(|p| previous.is_none_or(|m| m.files.contains(&logical(p))));
+    found
 }
 
 /// Works out what `install` would change under `root`.
@@ -51,6 +80,7 @@ pub fn plan(
     settings: &Settings,
     rendered: &Rendered,
     bin_dir: &Path,
+    previous: Option<&owned::Manifest>,
 ) -> Result<Plan> {
     let config_target = rooted(root, &settings.paths.config_dir().join("citadel.toml"));
     let render_dir = rooted(root, &settings.paths.systemd_dir());
@@ -83,24 +113,37 @@ pub fn plan(
             }
         }
     }
-    let unit_root = unit_dir(root);
+    // Migration from the old layout: Citadel's files in /etc go (they would
+    // shadow the vendor layer and be lost to `systemctl revert`).
+    for legacy in legacy_files(root, previous) {
+        if !changes.removed.contains(&legacy) {
+            changes.removed.push(legacy);
+        }
+    }
+    let (unit_root, admin_root) = (unit_dir(root), admin_unit_dir(root));
     let units_changed = changes
         .added
         .iter()
         .chain(&changes.changed)
         .chain(&changes.removed)
-        .any(|p| p.starts_with(&unit_root));
-    let removed_units = changes
+        .any(|p| p.starts_with(&unit_root) || p.starts_with(&admin_root));
+    // Instances whose drop-in went and was not rendered again (a migrated
+    // drop-in moves to the vendor layer: its model stays).
+    let configured: Vec<String> = settings.models.iter().map(|m| m.unit_name()).collect();
+    let mut removed_units: Vec<String> = changes
         .removed
         .iter()
-        .filter(|p| p.starts_with(&unit_root))
+        .filter(|p| p.starts_with(&unit_root) || p.starts_with(&admin_root))
         .filter_map(|p| {
             let name = p.parent()?.file_name()?.to_str()?;
             name.strip_suffix(".d")
                 .filter(|u| u.starts_with("citadel-model@"))
+                .filter(|u| !configured.iter().any(|c| c == u))
                 .map(str::to_owned)
         })
         .collect();
+    removed_units.sort();
+    removed_units.dedup();
 
     let needs_sim = settings.models.iter().any(
         |m| matches!(&m.engine, Engine::Sim { binary } if binary.starts_with(settings.paths.bin())),
@@ -209,9 +252,16 @@ pub async fn install(
     }
     // Rendered with the GPUs resolved on this host (issue 10, item 5).
     let rendered = citadel_render::render_with(settings, host);
-    let plan = plan(root, config, settings, &rendered, bin_dir)?;
-    // Directories: refuse to take over one Citadel did not create, before anything changes.
     let previous = owned::Manifest::load(root)?;
+    let plan = plan(
+        root,
+        config,
+        settings,
+        &rendered,
+        bin_dir,
+        previous.as_ref(),
+    )?;
+    // Directories: refuse to take over one Citadel did not create, before anything changes.
     let config_target = rooted(root, &settings.paths.config_dir().join("citadel.toml"));
     let api_keys = rooted(root, &settings.gateway.api_keys_file);
     let ours: std::collections::BTreeSet<PathBuf> = plan
@@ -238,6 +288,9 @@ pub async fn install(
     manifest
         .preexisting_dirs
         .extend(dirs.preexisting.iter().cloned());
+    manifest
+        .created_dirs
+        .extend(owned::missing_vendor_dirs(root));
     let (user, group) = (&settings.service.user, &settings.service.group);
     if owned::id_of(root, "passwd", user).is_none() {
         manifest.created_user = Some(user.clone());
@@ -259,6 +312,11 @@ pub async fn install(
         .find(|f| f.kind == FileKind::Tmpfiles)
         .context("the renderer always writes a tmpfiles.d entry")?;
     let flag = root_flag(root);
+    // systemd-sysusers locks ROOT/etc/passwd: below an empty --root, /etc
+    // exists only once something is written there (the entries live in
+    // /usr/local/lib now).
+    let etc = rooted(root, Path::new("/etc"));
+    fs::create_dir_all(&etc).with_context(|| format!("cannot create {}", etc.display()))?;
     write_if_changed(&sysusers.install_path(root), &sysusers.contents)?;
     let mut args: Vec<&std::ffi::OsStr> = flag.iter().map(|f| f.as_os_str()).collect();
     let sysusers_path = sysusers.install_path(root);
@@ -385,7 +443,7 @@ pub async fn uninstall(root: &Path, settings: Option<&Settings>, purge: bool) ->
     let units_dir = unit_dir(root);
     // Every unit of ours that is enabled or configured, whatever the config says now.
     let mut units: Vec<String> =
-        fs::read_dir(units_dir.join(format!("{}.wants", unit_names::TARGET)))
+        fs::read_dir(admin_unit_dir(root).join(format!("{}.wants", unit_names::TARGET)))
             .map(|d| {
                 d.flatten()
                     .filter_map(|e| e.file_name().to_str().map(str::to_owned))
@@ -414,7 +472,14 @@ pub async fn uninstall(root: &Path, settings: Option<&Settings>, purge: bool) ->
         let _ = systemctl_offline(root, "disable", &disable);
         None
     };
-    let generated = fsutil::generated_files(&units_dir, 1);
+    // Ours in the vendor layer, and any left in /etc by an old-layout install.
+    let mut generated = fsutil::generated_files(&units_dir, 1);
+    let admin = admin_unit_dir(root);
+    generated.extend(
+        legacy_files(root, manifest.as_ref())
+            .into_iter()
+            .filter(|p| p.starts_with(&admin)),
+    );
     let changes = Changes {
         removed: generated.clone(),
         ..Changes::default()
@@ -424,6 +489,8 @@ pub async fn uninstall(root: &Path, settings: Option<&Settings>, purge: bool) ->
         outln!("  removed  {}", path.display())?;
     }
     for f in [
+        "/usr/local/lib/sysusers.d/citadel.conf",
+        "/usr/local/lib/tmpfiles.d/citadel.conf",
         "/etc/sysusers.d/citadel.conf",
         "/etc/tmpfiles.d/citadel.conf",
     ] {

@@ -113,6 +113,8 @@ fn status_exit_code(services: &[ServiceStatus]) -> ExitCode {
 #[derive(Debug, Serialize)]
 struct ModelHealth {
     model: String,
+    /// `ready`, `loading` or `down` (see [`model_state`]).
+    state: &'static str,
     unit_state: String,
     engine_probe: String,
     gateway_state: String,
@@ -121,11 +123,46 @@ struct ModelHealth {
 
 #[derive(Debug, Serialize)]
 struct Health {
-    /// `healthy`, `degraded` or `down`.
+    /// `healthy`, `loading`, `degraded` or `down` (see [`overall_state`]).
     overall: String,
     gateway_unit: String,
     gateway_ready: bool,
+    /// Models still loading (their units are starting).
+    loading: usize,
     models: Vec<ModelHealth>,
+}
+
+/// A model's state for `health` (issue 10, item 1): `ready` when its unit is
+/// active, its engine answers and the gateway routes to it; `loading` while its
+/// unit is starting (`activating (start)`: the engine loads and READY=1 has
+/// not come yet), or just after, while the gateway has not admitted it yet;
+/// `down` otherwise (stopped, failed, restarting after a crash, unhealthy).
+fn model_state(active: &str, sub: &str, probe_ok: bool, gateway_state: &str) -> &'static str {
+    match (active, sub) {
+        ("active", _) if probe_ok && gateway_state == "ready" => "ready",
+        ("active", _) if probe_ok && gateway_state == "loading" => "loading",
+        ("activating", "start" | "start-pre" | "start-post") => "loading",
+        _ => "down",
+    }
+}
+
+/// The stack's state: `down` when the API is not served or no model serves
+/// or loads; `healthy` when every model serves; `loading` when every model
+/// that does not serve yet is loading (a fresh start or boot: not down, the
+/// API serves what is ready); `degraded` otherwise. Exit codes: 0, 1 (loading
+/// and degraded), 2 (down).
+fn overall_state(gateway_ready: bool, states: &[&str]) -> &'static str {
+    let ready = states.iter().filter(|s| **s == "ready").count();
+    let loading = states.iter().filter(|s| **s == "loading").count();
+    if !gateway_ready || ready + loading == 0 {
+        "down"
+    } else if ready == states.len() {
+        "healthy"
+    } else if ready + loading == states.len() {
+        "loading"
+    } else {
+        "degraded"
+    }
 }
 
 async fn health_once(settings: &Settings) -> Result<Health> {
@@ -161,31 +198,32 @@ async fn health_once(settings: &Settings) -> Result<Health> {
             })
             .and_then(|x| x["state"].as_str().map(str::to_owned))
             .unwrap_or_else(|| "unknown".into());
-        let healthy = st.active_state == "active" && probe == "ok" && gateway_state == "ready";
+        let state = model_state(
+            &st.active_state,
+            &st.sub_state,
+            probe == "ok",
+            &gateway_state,
+        );
         models.push(ModelHealth {
             model: m.name.to_string(),
+            state,
+            healthy: state == "ready",
             unit_state: format!("{} ({})", st.active_state, st.sub_state),
             engine_probe: probe,
             gateway_state,
-            healthy,
         });
     }
     let gateway_ready = gw_state.active_state == "active"
         && http_get(gw_addr, "/health/ready")
             .await
             .is_ok_and(|(code, _)| code == 200);
-    let ready = models.iter().filter(|m| m.healthy).count();
-    let overall = if !gateway_ready || ready == 0 {
-        "down"
-    } else if ready < models.len() {
-        "degraded"
-    } else {
-        "healthy"
-    };
+    let states: Vec<&str> = models.iter().map(|m| m.state).collect();
+    let overall = overall_state(gateway_ready, &states);
     Ok(Health {
         overall: overall.into(),
         gateway_unit: format!("{} ({})", gw_state.active_state, gw_state.sub_state),
         gateway_ready,
+        loading: states.iter().filter(|s| **s == "loading").count(),
         models,
     })
 }
@@ -211,7 +249,7 @@ pub async fn gateway_reloads(settings: &Settings) -> Option<(u64, bool)> {
     Some((v["reloads"].as_u64()?, v["last_reload"] == "failed"))
 }
 
-/// Exit 0 healthy, 1 degraded, 2 down: usable from monitoring as it is.
+/// Exit 0 healthy, 1 loading or degraded, 2 down: usable from monitoring as it is.
 pub async fn health(settings: &Settings, json: bool, watch: bool) -> Result<ExitCode> {
     let mut last = String::new();
     loop {
@@ -220,7 +258,7 @@ pub async fn health(settings: &Settings, json: bool, watch: bool) -> Result<Exit
             serde_json::to_string(&h)?
         } else {
             let mut t = format!(
-                "{}: gateway {} ({}), {}/{} models healthy\n",
+                "{}: gateway {} ({}), {}/{} models healthy{}\n",
                 h.overall.to_uppercase(),
                 if h.gateway_ready {
                     "ready"
@@ -229,13 +267,22 @@ pub async fn health(settings: &Settings, json: bool, watch: bool) -> Result<Exit
                 },
                 h.gateway_unit,
                 h.models.iter().filter(|m| m.healthy).count(),
-                h.models.len()
+                h.models.len(),
+                if h.loading > 0 {
+                    format!(", {} loading", h.loading)
+                } else {
+                    String::new()
+                }
             );
             for m in &h.models {
                 t.push_str(&format!(
-                    "  {:<10} {:<4} unit {:<22} engine {:<14} gateway {}\n",
+                    "  {:<10} {:<7} unit {:<22} engine {:<14} gateway {}\n",
                     m.model,
-                    if m.healthy { "ok" } else { "FAIL" },
+                    match m.state {
+                        "ready" => "ok",
+                        "loading" => "loading",
+                        _ => "FAIL",
+                    },
                     m.unit_state,
                     m.engine_probe,
                     m.gateway_state
@@ -250,7 +297,7 @@ pub async fn health(settings: &Settings, json: bool, watch: bool) -> Result<Exit
             }
             return Ok(ExitCode::from(match h.overall.as_str() {
                 "healthy" => 0,
-                "degraded" => 1,
+                "loading" | "degraded" => 1,
                 _ => 2,
             }));
         }
@@ -588,6 +635,41 @@ mod tests {
             http_get_with(addr, "/h\r\nX-Evil: 1", Duration::from_secs(1), 64).await
         });
         assert!(matches!(r, Err(HttpError::BadPath(_))), "{r:?}");
+    }
+
+    /// Issue 10, item 1: with an 8 s loader `health` said DOWN while 2 of 3
+    /// models served. A model whose unit is starting is loading, and a stack
+    /// whose models serve or load is not down.
+    #[test]
+    fn issue10_health_says_loading_not_down() {
+        assert_eq!(model_state("activating", "start", false, "down"), "loading");
+        assert_eq!(
+            model_state("activating", "start", true, "loading"),
+            "loading"
+        );
+        assert_eq!(model_state("active", "running", true, "loading"), "loading");
+        assert_eq!(model_state("active", "running", true, "ready"), "ready");
+        // A crashed engine waiting to be restarted is down, not loading.
+        assert_eq!(
+            model_state("activating", "auto-restart", false, "down"),
+            "down"
+        );
+        assert_eq!(model_state("failed", "failed", false, "down"), "down");
+        assert_eq!(model_state("inactive", "dead", false, "down"), "down");
+        assert_eq!(model_state("active", "running", false, "ready"), "down");
+
+        assert_eq!(
+            overall_state(true, &["ready", "ready", "loading"]),
+            "loading"
+        );
+        assert_eq!(overall_state(true, &["loading", "loading"]), "loading");
+        assert_eq!(overall_state(true, &["ready", "ready"]), "healthy");
+        assert_eq!(
+            overall_state(true, &["ready", "loading", "down"]),
+            "degraded"
+        );
+        assert_eq!(overall_state(true, &["down", "down"]), "down");
+        assert_eq!(overall_state(false, &["ready", "loading"]), "down");
     }
 
     fn response_bytes() -> impl Strategy<Value = Vec<u8>> {

@@ -19,6 +19,12 @@
 //!   empty: model weights, a venv under the home or any unknown file keep
 //!   their directory, and purge says what it kept and why.
 //!
+//! - Generated files live in the vendor layer (`/usr/local/lib/...`, issue
+//!   10, item 3); files of the old layout in `/etc` that the record lists are
+//!   dropped from it when `install` migrates them (an operator's copy made
+//!   with `systemctl edit --full` is not in the record and is never touched).
+//!   The vendor directories Citadel had to create are recorded like the others.
+//!
 //! The manifest lives at [`MANIFEST`] (root-only, 0600 in a 0700 directory),
 //! outside every directory the services can write, and is written atomically.
 
@@ -85,6 +91,27 @@ impl Manifest {
     }
 }
 
+/// The vendor-layer directories Citadel installs its generated files into
+/// (issue 10, item 3), parents first. Those that do not exist yet when
+/// `install` runs are recorded as Citadel's ([`missing_vendor_dirs`]), so
+/// `uninstall --purge` removes them again once empty; one that existed
+/// (another package's units) is never recorded and never removed.
+pub const VENDOR_DIRS: &[&str] = &[
+    "/usr/local/lib/systemd",
+    citadel_render::VENDOR_UNIT_DIR,
+    "/usr/local/lib/sysusers.d",
+    "/usr/local/lib/tmpfiles.d",
+];
+
+/// The [`VENDOR_DIRS`] that do not exist below `root` (paths as installed).
+pub fn missing_vendor_dirs(root: &Path) -> Vec<PathBuf> {
+    VENDOR_DIRS
+        .iter()
+        .map(PathBuf::from)
+        .filter(|d| fs::symlink_metadata(rooted(root, d)).is_err())
+        .collect()
+}
+
 /// What purge does with a directory Citadel created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purge {
@@ -119,8 +146,8 @@ pub fn dirs(settings: &Settings) -> Vec<Dir> {
     vec![
         dir(p.home.clone(), 0o755, "root", "root", Purge::IfEmpty),
         dir(p.bin(), 0o755, "root", "root", Purge::IfEmpty),
-        dir(p.config_dir(), 0o750, "root", group, Purge::IfEmpty),
-        dir(p.systemd_dir(), 0o750, "root", group, Purge::IfEmpty),
+        dir(p.config_dir(), 0o755, "root", group, Purge::IfEmpty),
+        dir(p.systemd_dir(), 0o755, "root", group, Purge::IfEmpty),
         dir(p.models.clone(), 0o750, "root", group, Purge::IfEmpty),
         dir(p.credentials.clone(), 0o700, "root", "root", Purge::IfEmpty),
         dir("/var/lib/citadel".into(), 0o750, user, group, Purge::Whole),

@@ -37,8 +37,8 @@ fn lifecycle_install_start_serve_stop_uninstall() {
         "/opt/citadel/bin/citadel-model",
         "/opt/citadel/bin/citadel-gateway",
         "/opt/citadel/config/systemd/citadel-gateway.service",
-        "/etc/systemd/system/citadel-model@.service",
-        "/etc/systemd/system/citadel-model@phi3.service.d/50-citadel.conf",
+        "/usr/local/lib/systemd/system/citadel-model@.service",
+        "/usr/local/lib/systemd/system/citadel-model@phi3.service.d/50-citadel.conf",
         "/var/lib/citadel",
     ] {
         assert!(
@@ -50,7 +50,7 @@ fn lifecycle_install_start_serve_stop_uninstall() {
         .sb
         .exec_ok(&["stat", "-c", "%a %U:%G", "/opt/citadel/config/citadel.toml"])
         .unwrap();
-    assert_eq!(mode.trim(), "640 root:citadel");
+    assert_eq!(mode.trim(), "644 root:citadel"); // world-readable: no secrets (issue 10, item 6)
     assert_eq!(st.show("citadel.target", "UnitFileState"), "enabled");
     assert_eq!(st.show(GATEWAY, "UnitFileState"), "enabled");
     for m in MODELS {
@@ -60,7 +60,8 @@ fn lifecycle_install_start_serve_stop_uninstall() {
     let again = st.install();
     assert!(again.contains("nothing to change"), "{again}");
 
-    // start: everything active; the gateway became active only after every model was ready.
+    // start: everything active. (The gateway no longer waits for the models,
+    // issue 10 item 1: e2e_operator.rs checks that with a slow model.)
     let started = Instant::now();
     st.cli_ok(&["start"]);
     let start_s = started.elapsed().as_secs_f64();
@@ -68,14 +69,6 @@ fn lifecycle_install_start_serve_stop_uninstall() {
         assert_eq!(st.show(&unit(m), "ActiveState"), "active", "{m}");
     }
     assert_eq!(st.show(GATEWAY, "ActiveState"), "active");
-    let gateway_active = st.show_u64(GATEWAY, "ActiveEnterTimestampMonotonic");
-    for m in MODELS {
-        let model_active = st.show_u64(&unit(m), "ActiveEnterTimestampMonotonic");
-        assert!(
-            model_active > 0 && model_active <= gateway_active,
-            "{m} became ready after the gateway started"
-        );
-    }
 
     // status: every service, in JSON too; and how long it takes.
     let mut best_status = Duration::MAX;
@@ -159,16 +152,20 @@ fn lifecycle_install_start_serve_stop_uninstall() {
     // --dry-run shows the difference and changes nothing.
     let dry = st.cli_ok(&["install", "--dry-run"]);
     assert!(
-        dry.contains("change   /etc/systemd/system/citadel-model@phi3.service.d/50-citadel.conf"),
+        dry.contains(
+            "change   /usr/local/lib/systemd/system/citadel-model@phi3.service.d/50-citadel.conf"
+        ),
         "{dry}"
     );
     assert!(!st
-        .read("/etc/systemd/system/citadel-model@phi3.service.d/50-citadel.conf")
+        .read("/usr/local/lib/systemd/system/citadel-model@phi3.service.d/50-citadel.conf")
         .unwrap()
         .contains("300M"));
     let out = st.install();
     assert!(
-        out.contains("change   /etc/systemd/system/citadel-model@phi3.service.d/50-citadel.conf"),
+        out.contains(
+            "change   /usr/local/lib/systemd/system/citadel-model@phi3.service.d/50-citadel.conf"
+        ),
         "{out}"
     );
     assert!(!out.contains("override.conf"), "{out}");
@@ -231,7 +228,9 @@ fn lifecycle_install_start_serve_stop_uninstall() {
     );
     let out = st.install();
     assert!(
-        out.contains("add      /etc/systemd/system/citadel-model@extra.service.d/50-citadel.conf"),
+        out.contains(
+            "add      /usr/local/lib/systemd/system/citadel-model@extra.service.d/50-citadel.conf"
+        ),
         "{out}"
     );
     st.cli_ok(&["start", "extra"]);
@@ -263,7 +262,7 @@ fn lifecycle_install_start_serve_stop_uninstall() {
     );
     assert_ne!(st.show(&unit("extra"), "ActiveState"), "active");
     assert!(st
-        .read("/etc/systemd/system/citadel-model@extra.service.d/50-citadel.conf")
+        .read("/usr/local/lib/systemd/system/citadel-model@extra.service.d/50-citadel.conf")
         .is_none());
     st.cli_ok(&["reload", "gateway"]);
     st.wait(
@@ -272,17 +271,15 @@ fn lifecycle_install_start_serve_stop_uninstall() {
         || st.gateway_state("extra") == "absent",
     );
 
-    // stop: the gateway goes down before any model starts stopping.
+    // stop: gateway and models stop in parallel (no start ordering any more,
+    // issue 10 item 1), each cleanly; e2e_operator.rs checks that streams in
+    // flight finish.
     st.cli_ok(&["stop"]);
-    let gateway_down = st.show_u64(GATEWAY, "InactiveEnterTimestampMonotonic");
     for m in MODELS {
         assert_eq!(st.show(&unit(m), "ActiveState"), "inactive", "{m}");
-        let model_leaving = st.show_u64(&unit(m), "ActiveExitTimestampMonotonic");
-        assert!(
-            gateway_down <= model_leaving,
-            "{m} began stopping before the gateway was down"
-        );
+        assert_eq!(st.show(&unit(m), "Result"), "success", "{m}");
     }
+    assert_eq!(st.show(GATEWAY, "Result"), "success");
 
     // health when nothing serves: exit 2.
     assert_eq!(st.cli(&["health"]).status.code(), Some(2));
