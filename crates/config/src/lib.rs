@@ -18,6 +18,7 @@ mod host;
 pub mod raw;
 mod settings;
 pub mod units;
+pub mod upstream;
 mod validate;
 
 use std::path::{Path, PathBuf};

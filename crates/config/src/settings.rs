@@ -201,7 +201,11 @@ pub struct Gateway {
     pub auth: bool,
     /// Host file loaded as the `api-keys` credential (one key per line).
     pub api_keys_file: PathBuf,
+    /// At most this many requests in any 60 s window per API key.
     pub rate_limit_per_minute: u32,
+    /// How many of them may come at once (1 to `rate_limit_per_minute`); the
+    /// rest are spread so that no 60 s window holds more than the limit.
+    pub rate_limit_burst: u32,
     pub max_body: ByteSize,
     pub cors_origins: Vec<String>,
     pub header_timeout: Timespan,
@@ -215,6 +219,9 @@ pub struct Gateway {
 impl Gateway {
     /// Name of the systemd credential holding the API keys.
     pub const API_KEYS_CREDENTIAL: &'static str = "api-keys";
+    /// `rate_limit_burst` when the config sets none (at most
+    /// `rate_limit_per_minute`).
+    pub const DEFAULT_RATE_LIMIT_BURST: u32 = 10;
 }
 
 /// Resource limits rendered into a unit (as literal values).

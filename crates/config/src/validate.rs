@@ -412,6 +412,7 @@ impl Validator {
         }
         models.sort_by_key(|m| m.port);
         self.ports(raw, &gateway);
+        self.replica_loops(raw, &gateway);
         self.alias_collisions(raw);
         self.diags
             .extend(crate::gpu::shared_gpu_warnings(raw, &models));
@@ -542,6 +543,19 @@ impl Validator {
                 )
                 .unwrap_or(100),
         };
+        // Issue 12, item 2: the burst is its own setting (it was the whole
+        // per-minute budget, on top of the refill: 199 answers in a minute).
+        let burst = match &g.rate_limit_burst {
+            None => Gateway::DEFAULT_RATE_LIMIT_BURST.min(rate),
+            Some(b) => self
+                .count(
+                    "gateway.rate_limit_burst",
+                    &Some(b.clone()),
+                    1,
+                    i64::from(rate),
+                )
+                .unwrap_or(rate.min(Gateway::DEFAULT_RATE_LIMIT_BURST)),
+        };
         let max_body = self
             .size(
                 "gateway.max_body",
@@ -615,6 +629,7 @@ impl Validator {
             auth,
             api_keys_file,
             rate_limit_per_minute: rate,
+            rate_limit_burst: burst,
             max_body,
             cors_origins,
             header_timeout: self.timespan(
@@ -1106,6 +1121,37 @@ impl Validator {
                 );
             } else if let Some(other) = seen.insert(a, model) {
                 self.error(&key, span(alias), format!("alias `{a}` of model `{model}` is also an alias of model `{other}`"), Some("a name may route to one model only: give each model its own aliases (use `replicas` to balance one model over several engines)"));
+            }
+        }
+    }
+
+    /// Issue 12, item 3: a replica that is the gateway itself (by its text:
+    /// loopback or the listen address, with the gateway's port) is a loop.
+    fn replica_loops(&mut self, raw: &RawConfig, gateway: &Gateway) {
+        let tables = std::iter::once(("model_defaults".to_owned(), &raw.model_defaults)).chain(
+            raw.models
+                .iter()
+                .map(|(n, m)| (format!("models.{}", n.get_ref()), m.get_ref())),
+        );
+        for (prefix, m) in tables {
+            for url in m.replicas.iter().flat_map(|r| r.get_ref()) {
+                if crate::upstream::points_at_gateway(
+                    url.get_ref(),
+                    gateway.listen,
+                    gateway.port.get(),
+                ) {
+                    self.error(
+                        &format!("{prefix}.replicas"),
+                        span(url),
+                        format!(
+                            "replica `{}` is the gateway itself ({}:{}): every request would be forwarded back to the gateway",
+                            url.get_ref().escape_debug(),
+                            gateway.listen,
+                            gateway.port
+                        ),
+                        Some("a replica is another engine serving the same model, e.g. `http://10.0.0.12:11400`; the model's own engine is already a backend"),
+                    );
+                }
             }
         }
     }

@@ -368,6 +368,7 @@ fn issue10_documented_defaults_match_the_code() {
             "gateway.rate_limit_per_minute",
             plain(&g.rate_limit_per_minute),
         ),
+        ("gateway.rate_limit_burst", plain(&g.rate_limit_burst)),
         ("gateway.max_body", quoted(&g.max_body)),
         ("gateway.header_timeout", quoted(&g.header_timeout)),
         ("gateway.request_timeout", quoted(&g.request_timeout)),
