@@ -342,6 +342,7 @@ pub async fn install(
         .map(|(p, c, _)| (p.clone(), c.clone()))
         .collect();
     fsutil::apply(&pairs, &plan.changes)?;
+    repoint_links(root, &plan.changes.removed)?;
     // World-readable (issue 10, item 6): the config holds no secrets (the config
     // crate refuses them in `env`; keys are credentials), and `status` and
     // `health` read it as a non-root monitoring user. Only root may change it.
@@ -421,6 +422,62 @@ pub async fn install(
         outln!("changed units take effect when restarted: `citadel-systemd restart [SERVICE...]`")?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// After a migration, the enablement symlinks systemd made in
+/// `/etc/systemd/system/*.wants/` (and `.requires/`) still point at the unit
+/// files removed from /etc: each is pointed at the same file in the vendor
+/// layer (atomically: a new link renamed over the old one), so what was
+/// enabled stays enabled and what was disabled stays disabled. (Re-enabling
+/// does not fix them: systemd takes a link to the same file name in another
+/// unit directory as already in place.)
+fn repoint_links(root: &Path, removed: &[PathBuf]) -> Result<()> {
+    let admin = admin_unit_dir(root);
+    let vendor = Path::new(citadel_render::VENDOR_UNIT_DIR);
+    let removed: Vec<PathBuf> = removed
+        .iter()
+        .filter(|p| p.starts_with(&admin))
+        .map(|p| Path::new("/").join(p.strip_prefix(root).unwrap_or(p)))
+        .collect();
+    if removed.is_empty() {
+        return Ok(());
+    }
+    let Ok(dirs) = fs::read_dir(&admin) else {
+        return Ok(());
+    };
+    for dir in dirs.flatten() {
+        let name = dir.file_name();
+        let name = name.to_string_lossy();
+        if !(name.ends_with(".wants") || name.ends_with(".requires")) {
+            continue;
+        }
+        for link in fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+            let Ok(target) = fs::read_link(link.path()) else {
+                continue;
+            };
+            let Some(file) = target.file_name() else {
+                continue;
+            };
+            let new_target = vendor.join(file);
+            if !removed.contains(&target) || !rooted(root, &new_target).is_file() {
+                continue;
+            }
+            let tmp = dir
+                .path()
+                .join(format!(".citadel-{}", link.file_name().to_string_lossy()));
+            let _ = fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&new_target, &tmp)
+                .and_then(|()| fs::rename(&tmp, link.path()))
+                .with_context(|| {
+                    format!(
+                        "cannot point {} at {}",
+                        link.path().display(),
+                        new_target.display()
+                    )
+                })?;
+        }
+    }
+    Ok(())
 }
 
 /// `systemctl --root=DIR VERB UNITS`: unit files enabled or disabled offline.
