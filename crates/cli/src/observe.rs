@@ -135,12 +135,14 @@ struct Health {
 /// A model's state for `health` (issue 10, item 1): `ready` when its unit is
 /// active, its engine answers and the gateway routes to it; `loading` while its
 /// unit is starting (`activating (start)`: the engine loads and READY=1 has
-/// not come yet), or just after, while the gateway has not admitted it yet;
+/// not come yet), or just after, while the gateway has not admitted it yet
+/// (its unit is active and the engine answers, but the gateway's next probe,
+/// within `probe_interval`, has not seen it ready yet);
 /// `down` otherwise (stopped, failed, restarting after a crash, unhealthy).
 fn model_state(active: &str, sub: &str, probe_ok: bool, gateway_state: &str) -> &'static str {
     match (active, sub) {
         ("active", _) if probe_ok && gateway_state == "ready" => "ready",
-        ("active", _) if probe_ok && gateway_state == "loading" => "loading",
+        ("active", _) if probe_ok => "loading",
         ("activating", "start" | "start-pre" | "start-post") => "loading",
         _ => "down",
     }
@@ -657,6 +659,8 @@ mod tests {
         assert_eq!(model_state("failed", "failed", false, "down"), "down");
         assert_eq!(model_state("inactive", "dead", false, "down"), "down");
         assert_eq!(model_state("active", "running", false, "ready"), "down");
+        // Ready in systemd, not admitted by the gateway yet: loading.
+        assert_eq!(model_state("active", "running", true, "down"), "loading");
 
         assert_eq!(
             overall_state(true, &["ready", "ready", "loading"]),

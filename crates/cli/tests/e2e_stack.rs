@@ -94,7 +94,13 @@ fn lifecycle_install_start_serve_stop_uninstall() {
         "{json}"
     );
 
-    // health: exit 0 when everything serves.
+    // health: exit 0 when everything serves (the gateway admits each model
+    // at its next probe after READY=1: it no longer starts after them).
+    st.wait(
+        "the gateway routes to every model",
+        Duration::from_secs(20),
+        || MODELS.iter().all(|m| st.gateway_state(m) == "ready"),
+    );
     let health = st.cli(&["health"]);
     assert_eq!(health.status.code(), Some(0), "{}", text(&health));
 
