@@ -209,13 +209,13 @@ fn lifecycle_install_start_serve_stop_uninstall() {
     let old_key = st.api_key();
     st.write(
         "/etc/citadel/credentials/api-keys",
-        "# rotated\nsk-citadel-rotated-key\n",
+        "# rotated\nsk-citadel-rotated-key-0123456789abcdef\n",
     );
     st.cli_ok(&["restart", "gateway"]);
     st.wait("the gateway serves again", Duration::from_secs(20), || {
         st.gateway_state("mixtral") == "ready"
     });
-    assert_eq!(st.api_key(), "sk-citadel-rotated-key");
+    assert_eq!(st.api_key(), "sk-citadel-rotated-key-0123456789abcdef");
     assert_eq!(st.chat("mixtral").0, 200, "the new key works");
     let body = r#"{"model":"mixtral","messages":[{"role":"user","content":"hi"}]}"#;
     let (code, _) = st.http(
