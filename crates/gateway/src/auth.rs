@@ -1,13 +1,17 @@
 //! API keys (from the `api-keys` systemd credential) and per-key rate limits.
+//!
+//! Keys are at least [`MIN_KEY_LEN`] characters (issue 12, item 4: a
+//! one-character key was accepted), compared in constant time and never
+//! logged; an error about a key names its line, never its text.
 
-use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-
 use crate::error::{GatewayError, StartError};
+use crate::ratelimit::KeyLimiter;
+
+/// The shortest API key accepted.
+pub const MIN_KEY_LEN: usize = 32;
 
 /// Where the keys come from.
 #[derive(Debug, Clone)]
@@ -49,12 +53,31 @@ pub fn read_keys(path: &Path, host_file: &Path) -> Result<Vec<Vec<u8>>, StartErr
             host_file.display()
         ))
     })?;
-    let keys: Vec<Vec<u8>> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| l.as_bytes().to_vec())
-        .collect();
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    let mut short = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let len = l.chars().count();
+        if len < MIN_KEY_LEN {
+            short.push(format!("line {}: {len} characters", n + 1));
+        }
+        keys.push(l.as_bytes().to_vec());
+    }
+    if !short.is_empty() {
+        return Err(StartError::Config(format!(
+            "{} (credential `{}`, host file {}) holds API keys shorter than {MIN_KEY_LEN} characters ({}): \
+             short keys can be guessed. Replace them with random keys of at least {MIN_KEY_LEN} characters, \
+             e.g. the output of `systemd-id128 new` or `openssl rand -hex 32` (`citadel-systemd install` \
+             generates one when the file is missing), then `citadel-systemd reload`",
+            path.display(),
+            citadel_config::Gateway::API_KEYS_CREDENTIAL,
+            host_file.display(),
+            short.join(", ")
+        )));
+    }
     if keys.is_empty() {
         return Err(StartError::Config(format!(
             "gateway.auth is on but {} (credential `{}`, host file {}) holds no API key; \
@@ -83,32 +106,36 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 pub struct Auth {
     keys: Vec<Vec<u8>>,
     per_minute: u32,
-    limiter: Arc<DefaultKeyedRateLimiter<usize>>,
+    burst: u32,
+    limiter: Arc<KeyLimiter>,
 }
 
 impl Auth {
-    pub fn new(keys: Vec<Vec<u8>>, per_minute: u32) -> Auth {
+    pub fn new(keys: Vec<Vec<u8>>, per_minute: u32, burst: u32) -> Auth {
         Auth {
-            limiter: Arc::new(RateLimiter::keyed(quota(per_minute))),
+            limiter: Arc::new(KeyLimiter::new(per_minute, burst)),
             keys,
             per_minute,
+            burst,
         }
     }
 
-    /// Keeps the old limiter's state when keys and limit are unchanged (reload).
-    pub fn reloaded(old: Option<&Auth>, keys: Vec<Vec<u8>>, per_minute: u32) -> Auth {
+    /// Keeps the old limiter's state when keys and limits are unchanged (reload).
+    pub fn reloaded(old: Option<&Auth>, keys: Vec<Vec<u8>>, per_minute: u32, burst: u32) -> Auth {
         match old {
-            Some(o) if o.keys == keys && o.per_minute == per_minute => Auth {
+            Some(o) if o.keys == keys && o.per_minute == per_minute && o.burst == burst => Auth {
                 limiter: o.limiter.clone(),
                 keys,
                 per_minute,
+                burst,
             },
-            _ => Auth::new(keys, per_minute),
+            _ => Auth::new(keys, per_minute, burst),
         }
     }
 
-    /// Checks `Authorization: Bearer KEY` and the key's rate limit.
-    pub fn check(&self, authorization: Option<&[u8]>) -> Result<(), GatewayError> {
+    /// Finds the key of `Authorization: Bearer KEY` (its index), without
+    /// touching its rate limit.
+    pub fn verify(&self, authorization: Option<&[u8]>) -> Result<usize, GatewayError> {
         let token = authorization
             .and_then(|h| {
                 h.strip_prefix(b"Bearer ")
@@ -123,18 +150,22 @@ impl Auth {
                 found = Some(i);
             }
         }
-        let idx = found.ok_or(GatewayError::BadKey)?;
-        self.limiter.check_key(&idx).map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            GatewayError::RateLimited {
-                retry_after: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
-            }
-        })
+        found.ok_or(GatewayError::BadKey)
     }
-}
 
-fn quota(per_minute: u32) -> Quota {
-    Quota::per_minute(NonZeroU32::new(per_minute.max(1)).unwrap_or(NonZeroU32::MIN))
+    /// Counts one request against key `idx`'s rate limit.
+    pub fn admit(&self, idx: usize) -> Result<(), GatewayError> {
+        self.limiter
+            .check(idx)
+            .map_err(|retry_after| GatewayError::RateLimited { retry_after })
+    }
+
+    /// Checks `Authorization: Bearer KEY` and the key's rate limit.
+    #[cfg(test)]
+    pub fn check(&self, authorization: Option<&[u8]>) -> Result<(), GatewayError> {
+        let idx = self.verify(authorization)?;
+        self.admit(idx)
+    }
 }
 
 #[cfg(test)]
@@ -152,7 +183,7 @@ mod tests {
 
     #[test]
     fn auth_and_limit() {
-        let a = Auth::new(vec![b"k1".to_vec(), b"k2".to_vec()], 2);
+        let a = Auth::new(vec![b"k1".to_vec(), b"k2".to_vec()], 2, 2);
         assert!(matches!(a.check(None), Err(GatewayError::MissingKey)));
         assert!(matches!(
             a.check(Some(b"Bearer nope")),
@@ -161,11 +192,53 @@ mod tests {
         assert!(a.check(Some(b"Bearer k2")).is_ok());
         assert!(a.check(Some(b"Bearer k2")).is_ok());
         match a.check(Some(b"Bearer k2")) {
+            // Burst 2 of 2 per minute: the next one in 60 s.
             Err(GatewayError::RateLimited { retry_after }) => {
-                assert!((1..=31).contains(&retry_after))
+                assert!((59..=60).contains(&retry_after), "{retry_after}")
             }
             other => panic!("{other:?}"),
         }
         assert!(a.check(Some(b"Bearer k1")).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod issue12 {
+    use super::*;
+
+    fn keys_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("api-keys");
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+
+    /// Issue 12, item 4: a one-character key was accepted. Short keys are
+    /// refused (naming their lines, never their text) with how to make one.
+    #[test]
+    fn issue12_short_keys_are_refused_at_load() {
+        let secret = "k";
+        let good = "a".repeat(MIN_KEY_LEN);
+        let (_d, p) = keys_file(&format!(
+            "# keys\n{good}\n\n{secret}\n  short-but-secret  \n"
+        ));
+        let err = read_keys(&p, Path::new("/etc/citadel/credentials/api-keys")).unwrap_err();
+        assert_eq!(err.exit_code(), StartError::EXIT_CONFIG);
+        let msg = err.to_string();
+        for want in [
+            "line 4: 1 characters",
+            "line 5: 16 characters",
+            "at least 32 characters",
+            "systemd-id128 new",
+            "/etc/citadel/credentials/api-keys",
+        ] {
+            assert!(msg.contains(want), "{want:?} not in {msg}");
+        }
+        assert!(
+            !msg.contains("short-but-secret") && !msg.contains(&good),
+            "{msg}"
+        );
+        let (_d, p) = keys_file(&format!("{good}\n{}\n", "b".repeat(40)));
+        assert_eq!(read_keys(&p, Path::new("x")).unwrap().len(), 2);
     }
 }

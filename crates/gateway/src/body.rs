@@ -11,20 +11,52 @@ use hyper::body::Incoming;
 use crate::proxy::Finish;
 use crate::reqlog::Usage;
 
+// One per response, moved once into hyper: boxing the stream would cost an
+// allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum GwBody {
     Full(Option<Bytes>),
-    Stream { inner: Incoming, finish: Finish },
+    Stream {
+        inner: Incoming,
+        finish: Finish,
+        /// An SSE stream (`text/event-stream`): a break is told in-band.
+        sse: bool,
+        /// Whether the data sent so far ends between SSE events.
+        at_event_end: bool,
+        /// The upstream broke off and the error event was sent: the body ends.
+        ended: bool,
+    },
+}
+
+/// The SSE event that ends a stream the engine broke off (issue 12, item 6):
+/// OpenAI's error shape, and no `[DONE]` after it.
+pub fn aborted_event(model: &str) -> Bytes {
+    let v = serde_json::json!({
+        "error": {
+            "message": format!("The model `{model}` stopped before the response was complete; the response is truncated"),
+            "type": "upstream_error",
+            "param": null,
+            "code": "upstream_aborted",
+        }
+    });
+    Bytes::from(format!("data: {v}\n\n"))
 }
 
 impl GwBody {
     /// An upstream body passed through; `finish` is told how it ended. A
     /// body that is empty from the start (`Content-Length: 0`) is complete
-    /// before hyper looks at it.
-    pub fn stream(inner: Incoming, mut finish: Finish) -> GwBody {
+    /// before hyper looks at it. `sse`: the body is an event stream.
+    pub fn stream(inner: Incoming, mut finish: Finish, sse: bool) -> GwBody {
         if inner.is_end_stream() {
             finish.complete();
         }
-        GwBody::Stream { inner, finish }
+        GwBody::Stream {
+            inner,
+            finish,
+            sse,
+            at_event_end: true,
+            ended: false,
+        }
     }
     pub fn full(b: impl Into<Bytes>) -> GwBody {
         GwBody::Full(Some(b.into()))
@@ -44,12 +76,25 @@ impl Body for GwBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             GwBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            GwBody::Stream { inner, finish } => {
+            GwBody::Stream {
+                inner,
+                finish,
+                sse,
+                at_event_end,
+                ended,
+            } => {
+                if *ended {
+                    return Poll::Ready(None);
+                }
                 let r = Pin::new(&mut *inner).poll_frame(cx);
                 match &r {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
                             finish.saw_data(data);
+                            if !data.is_empty() {
+                                *at_event_end =
+                                    data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n");
+                            }
                         }
                         // hyper stops polling once `is_end_stream()` is true
                         // (after the last frame of a body with a
@@ -59,7 +104,22 @@ impl Body for GwBody {
                             finish.complete();
                         }
                     }
-                    Poll::Ready(Some(Err(_))) => finish.upstream_error(),
+                    Poll::Ready(Some(Err(_))) => {
+                        finish.upstream_aborted();
+                        if *sse {
+                            // Tell the client in the stream, then end it
+                            // cleanly: an SSE client reads the error event
+                            // instead of a bare connection reset. A partial
+                            // event is closed first so the error stands alone.
+                            *ended = true;
+                            let mut out = Vec::new();
+                            if !*at_event_end {
+                                out.extend_from_slice(b"\n\n");
+                            }
+                            out.extend_from_slice(&aborted_event(finish.model()));
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                        }
+                    }
                     Poll::Ready(None) => finish.complete(),
                     Poll::Pending => {}
                 }
@@ -71,7 +131,7 @@ impl Body for GwBody {
     fn is_end_stream(&self) -> bool {
         match self {
             GwBody::Full(b) => b.is_none(),
-            GwBody::Stream { inner, .. } => inner.is_end_stream(),
+            GwBody::Stream { inner, ended, .. } => *ended || inner.is_end_stream(),
         }
     }
 
@@ -79,6 +139,15 @@ impl Body for GwBody {
         match self {
             GwBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             GwBody::Full(None) => SizeHint::with_exact(0),
+            GwBody::Stream { ended: true, .. } => SizeHint::with_exact(0),
+            GwBody::Stream {
+                inner, sse: true, ..
+            } => {
+                // An error event may be added: never promise an exact length.
+                let mut h = SizeHint::new();
+                h.set_lower(inner.size_hint().lower());
+                h
+            }
             GwBody::Stream { inner, .. } => inner.size_hint(),
         }
     }

@@ -28,6 +28,12 @@ pub enum GatewayError {
     BadKey,
     #[error("Rate limit reached for this API key; retry after {retry_after}s")]
     RateLimited { retry_after: u64 },
+    #[error(
+        "Too many requests with an invalid API key from your address; retry after {retry_after}s"
+    )]
+    AuthThrottled { retry_after: u64 },
+    #[error("Loop detected: this request already passed through this gateway ({hops} Citadel hops); check the model's replicas")]
+    LoopDetected { hops: usize },
     #[error("Unknown request URL: {method} {path}")]
     NotFound { method: String, path: String },
     #[error("Timed out reading the request body")]
@@ -51,7 +57,8 @@ impl GatewayError {
             BadJson(_) | MissingModel | BodyRead => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             MissingKey | BadKey => StatusCode::UNAUTHORIZED,
-            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. } | AuthThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            LoopDetected { .. } => StatusCode::LOOP_DETECTED,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
@@ -70,8 +77,12 @@ impl GatewayError {
             | BodyTimeout
             | BodyRead => "invalid_request_error",
             MissingKey | BadKey => "invalid_request_error",
-            RateLimited { .. } => "rate_limit_error",
-            NotReady { .. } | Draining | UpstreamTimeout(_) | UpstreamFailed(_) => "server_error",
+            RateLimited { .. } | AuthThrottled { .. } => "rate_limit_error",
+            NotReady { .. }
+            | Draining
+            | UpstreamTimeout(_)
+            | UpstreamFailed(_)
+            | LoopDetected { .. } => "server_error",
         }
     }
 
@@ -87,6 +98,8 @@ impl GatewayError {
             MissingKey => "missing_api_key",
             BadKey => "invalid_api_key",
             RateLimited { .. } => "rate_limit_exceeded",
+            AuthThrottled { .. } => "too_many_invalid_keys",
+            LoopDetected { .. } => "loop_detected",
             NotFound { .. } => "unknown_url",
             BodyTimeout => "request_timeout",
             BodyRead => "invalid_body",
@@ -106,7 +119,8 @@ impl GatewayError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             GatewayError::NotReady { retry_after, .. }
-            | GatewayError::RateLimited { retry_after } => Some(*retry_after),
+            | GatewayError::RateLimited { retry_after }
+            | GatewayError::AuthThrottled { retry_after } => Some(*retry_after),
             GatewayError::Draining => Some(1),
             _ => None,
         }

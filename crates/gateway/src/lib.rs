@@ -20,8 +20,10 @@ mod body;
 mod error;
 mod metrics;
 mod proxy;
+mod ratelimit;
 mod reqlog;
 mod routes;
+mod throttle;
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -57,6 +59,15 @@ pub(crate) struct Shared {
     pub(crate) stop_notify: Notify,
     pub(crate) status_changed: Notify,
     keys: KeySource,
+    /// Failed API keys per client address (issue 12, item 4); kept across reloads.
+    pub(crate) auth_failures: throttle::AuthFailures,
+    /// This process's name in the hop header of forwarded requests
+    /// (`Via: 1.1 citadel-ID`), so a request that comes back is refused as
+    /// a loop (issue 12, item 3).
+    pub(crate) instance: String,
+    /// Whether the listening socket is on loopback: otherwise `/metrics` and
+    /// `/health/models` need a key (issue 12, item 5).
+    pub(crate) loopback_only: bool,
     /// SIGHUP reloads completed (successful or not), and whether the last failed:
     /// on `/health`, so a client (`citadel-systemd reload`) can wait for one.
     pub(crate) reloads: AtomicU64,
@@ -196,7 +207,10 @@ fn id_seed() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     // splitmix64 of time and pid
-    let mut z = t ^ (u64::from(std::process::id()) << 32);
+    splitmix64(t ^ (u64::from(std::process::id()) << 32))
+}
+
+fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -223,7 +237,12 @@ fn load_auth(
     let path = keys.path(&gw.api_keys_file)?;
     let k = auth::read_keys(&path, &gw.api_keys_file)?;
     tracing::info!(keys = k.len(), "API keys loaded");
-    Ok(Some(auth::Auth::reloaded(old, k, gw.rate_limit_per_minute)))
+    Ok(Some(auth::Auth::reloaded(
+        old,
+        k,
+        gw.rate_limit_per_minute,
+        gw.rate_limit_burst,
+    )))
 }
 
 /// A running gateway (in-process).
@@ -248,12 +267,17 @@ pub async fn start(
         context: "cannot read the listening address".into(),
         source,
     })?;
+    let seed = id_seed();
     let shared = Arc::new(Shared {
         table: RwLock::new(Arc::new(table)),
         metrics: metrics::Metrics::new(),
         client: upstream_client(),
         ids: AtomicU64::new(0),
-        id_seed: id_seed(),
+        id_seed: seed,
+        auth_failures: throttle::AuthFailures::new(),
+        // Not the request ids' seed (clients see those): a second mix of it.
+        instance: format!("citadel-{:016x}", splitmix64(seed ^ 0x5ca1_ab1e)),
+        loopback_only: addr.ip().is_loopback(),
         stopping: AtomicBool::new(false),
         stop_notify: Notify::new(),
         status_changed: Notify::new(),
@@ -315,9 +339,9 @@ async fn accept_loop(
             biased;
             _ = shutdown_rx.changed() => break,
             r = listener.accept() => match r {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve_conn(shared.clone(), stream, shutdown_rx.clone(), conns_tx.clone()));
+                    tokio::spawn(serve_conn(shared.clone(), stream, peer.ip(), shutdown_rx.clone(), conns_tx.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -341,12 +365,13 @@ async fn accept_loop(
 async fn serve_conn(
     shared: Arc<Shared>,
     stream: tokio::net::TcpStream,
+    peer: std::net::IpAddr,
     mut shutdown_rx: watch::Receiver<bool>,
     _guard: mpsc::Sender<()>,
 ) {
     let header_timeout = shared.table().gateway.header_timeout.duration();
     let svc_shared = shared.clone();
-    let svc = hyper::service::service_fn(move |req| proxy::handle(svc_shared.clone(), req));
+    let svc = hyper::service::service_fn(move |req| proxy::handle(svc_shared.clone(), peer, req));
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)

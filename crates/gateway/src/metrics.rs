@@ -47,6 +47,10 @@ pub struct Metrics {
     pub backend_up: Family<BackendLabel, Gauge>,
     pub rate_limited: Counter,
     pub upstream_retries: Counter,
+    pub upstream_aborted: Family<ModelLabel, Counter>,
+    pub auth_failures: Counter,
+    pub auth_throttled: Counter,
+    pub loops_detected: Counter,
 }
 
 impl Metrics {
@@ -61,6 +65,10 @@ impl Metrics {
         let backend_up = Family::<BackendLabel, Gauge>::default();
         let rate_limited = Counter::default();
         let upstream_retries = Counter::default();
+        let upstream_aborted = Family::<ModelLabel, Counter>::default();
+        let auth_failures = Counter::default();
+        let auth_throttled = Counter::default();
+        let loops_detected = Counter::default();
         registry.register(
             "requests",
             "Requests answered, by model and HTTP status",
@@ -96,6 +104,26 @@ impl Metrics {
             "Requests retried on another replica after a connection failure",
             upstream_retries.clone(),
         );
+        registry.register(
+            "upstream_aborted",
+            "Streams the engine broke off before their end (the client got an SSE error event, no [DONE]), by model",
+            upstream_aborted.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Requests with an API key that matches none",
+            auth_failures.clone(),
+        );
+        registry.register(
+            "auth_throttled",
+            "Requests refused (429) because their address sent too many invalid API keys",
+            auth_throttled.clone(),
+        );
+        registry.register(
+            "loops_detected",
+            "Requests refused (508) because they had already passed through this gateway or too many",
+            loops_detected.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -105,6 +133,10 @@ impl Metrics {
             backend_up,
             rate_limited,
             upstream_retries,
+            upstream_aborted,
+            auth_failures,
+            auth_throttled,
+            loops_detected,
         }
     }
 

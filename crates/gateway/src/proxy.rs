@@ -1,6 +1,7 @@
 //! Request handling: the OpenAI-compatible API, health endpoints and metrics.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,9 +17,17 @@ use crate::error::GatewayError;
 use crate::metrics::{ModelLabel, ModelStatus};
 use crate::reqlog::{outcome, RequestEvent, Usage};
 use crate::routes::{Backend, Health, ModelRoute, Table};
+use crate::throttle::Verdict;
 use crate::Shared;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Attempts per request across a model's backends: each backend at most once
+/// (a connection failure moves on to the next), and never more than this.
+pub const MAX_ATTEMPTS: usize = 4;
+/// Citadel gateways a request may have passed through (`Via` entries named
+/// `citadel-*`) before it is refused as a loop.
+pub const MAX_HOPS: usize = 4;
 
 /// Hop-by-hop headers (RFC 9110 7.6.1) plus ones the gateway owns.
 const STRIP_REQUEST: &[&str] = &[
@@ -80,9 +89,28 @@ impl Finish {
             self.usage = u;
         }
     }
-    /// The upstream body broke off.
-    pub fn upstream_error(&mut self) {
-        self.outcome = outcome::UPSTREAM_ERROR;
+    /// The upstream body broke off: counted once, logged with
+    /// `outcome=upstream_aborted`.
+    pub fn upstream_aborted(&mut self) {
+        if self.outcome != outcome::UPSTREAM_ABORTED {
+            self.outcome = outcome::UPSTREAM_ABORTED;
+            self.shared
+                .metrics
+                .upstream_aborted
+                .get_or_create(&model_label(&self.model))
+                .inc();
+            tracing::warn!(
+                request_id = self.request_id.to_str().unwrap_or("-"),
+                model = %self.model,
+                backend = %self.backend.base,
+                "the engine broke off the response of model {} before its end",
+                self.model
+            );
+        }
+    }
+    /// The model's name.
+    pub fn model(&self) -> &str {
+        &self.model
     }
     /// The whole body was handed on.
     pub fn complete(&mut self) {
@@ -216,6 +244,7 @@ pub(crate) fn peek(bytes: &[u8]) -> Result<Peeked, GatewayError> {
 
 pub async fn handle(
     shared: Arc<Shared>,
+    peer: IpAddr,
     req: Request<Incoming>,
 ) -> Result<Response<GwBody>, Infallible> {
     let t0 = Instant::now();
@@ -228,7 +257,7 @@ pub async fn handle(
     let mut resp = if req.method() == Method::OPTIONS {
         preflight(&table, origin.as_ref())
     } else {
-        match dispatch(&shared, &table, req, t0, &rid).await {
+        match dispatch(&shared, &table, peer, req, t0, &rid).await {
             Ok(r) => r,
             Err((model, e)) => {
                 if let Some((method, path)) = &api {
@@ -261,15 +290,94 @@ pub async fn handle(
 
 type Failed = (String, GatewayError);
 
+/// The `Via` entries of Citadel gateways a request has passed through, and
+/// whether one of them is this gateway.
+fn citadel_hops(headers: &HeaderMap, instance: &str) -> (usize, bool) {
+    let mut hops = 0;
+    let mut own = false;
+    for v in headers.get_all(header::VIA) {
+        let text = String::from_utf8_lossy(v.as_bytes());
+        for entry in text.split(',') {
+            // `[protocol-name/]protocol-version received-by [comment]`
+            let Some(by) = entry.split_whitespace().nth(1) else {
+                continue;
+            };
+            if by.starts_with("citadel-") {
+                hops += 1;
+                own |= by == instance;
+            }
+        }
+    }
+    (hops, own)
+}
+
+/// Issue 12, item 3: a request that already passed through this gateway (or
+/// through too many) is refused instead of forwarded again.
+fn check_loop(shared: &Shared, headers: &HeaderMap) -> Result<(), GatewayError> {
+    let (hops, own) = citadel_hops(headers, &shared.instance);
+    if own || hops >= MAX_HOPS {
+        shared.metrics.loops_detected.inc();
+        tracing::error!(
+            hops,
+            "request loop: a request came back to this gateway after {hops} Citadel hops; a model's replica leads back here (see /health/models)"
+        );
+        return Err(GatewayError::LoopDetected { hops });
+    }
+    Ok(())
+}
+
+/// Checks the request's API key (issue 12, item 4): an address that sent too
+/// many invalid keys is refused (429) before its key is looked at; an invalid
+/// key is counted against its address. Returns the key's index.
+fn authenticate(
+    shared: &Shared,
+    auth: &crate::auth::Auth,
+    peer: IpAddr,
+    headers: &HeaderMap,
+) -> Result<usize, GatewayError> {
+    let now = Instant::now();
+    if let Some(retry_after) = shared.auth_failures.blocked(peer, now) {
+        shared.metrics.auth_throttled.inc();
+        return Err(GatewayError::AuthThrottled { retry_after });
+    }
+    let h = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    match auth.verify(h) {
+        Err(GatewayError::BadKey) => {
+            shared.metrics.auth_failures.inc();
+            if let Verdict::Blocked { secs } = shared.auth_failures.failed(peer, now) {
+                tracing::warn!(
+                    client = %peer,
+                    block_s = secs,
+                    "too many invalid API keys from {peer}: its requests are refused for {secs} s"
+                );
+            }
+            Err(GatewayError::BadKey)
+        }
+        other => other,
+    }
+}
+
 async fn dispatch(
     shared: &Arc<Shared>,
     table: &Arc<Table>,
+    peer: IpAddr,
     req: Request<Incoming>,
     t0: Instant,
     rid: &HeaderValue,
 ) -> Result<Response<GwBody>, Failed> {
     let path = req.uri().path();
     let no_model = |e| (String::new(), e);
+    // Issue 12, item 5: what the status endpoints tell (engine addresses,
+    // states, errors) needs a key once the gateway listens beyond loopback.
+    if matches!(
+        (req.method(), path),
+        (&Method::GET, "/health/models") | (&Method::GET, "/metrics")
+    ) && !shared.loopback_only
+    {
+        if let Some(auth) = &table.auth {
+            authenticate(shared, auth, peer, req.headers()).map_err(no_model)?;
+        }
+    }
     match (req.method(), path) {
         (&Method::GET, "/health") => {
             // Liveness, plus how many SIGHUP reloads completed and how the last went.
@@ -324,15 +432,11 @@ async fn dispatch(
     if shared.stopping.load(Relaxed) {
         return Err(no_model(GatewayError::Draining));
     }
+    check_loop(shared, req.headers()).map_err(no_model)?;
     if let Some(auth) = &table.auth {
-        let h = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes());
-        if let Err(e) = auth.check(h) {
-            if matches!(e, GatewayError::RateLimited { .. }) {
-                shared.metrics.rate_limited.inc();
-            }
+        let idx = authenticate(shared, auth, peer, req.headers()).map_err(no_model)?;
+        if let Err(e) = auth.admit(idx) {
+            shared.metrics.rate_limited.inc();
             return Err(no_model(e));
         }
     }
@@ -391,6 +495,10 @@ async fn proxy(
         parts.headers.remove(*h);
     }
     parts.headers.insert(X_REQUEST_ID.clone(), rid.clone());
+    // The hop mark: a request that comes back here is refused (check_loop).
+    if let Ok(via) = HeaderValue::from_str(&format!("1.1 {}", shared.instance)) {
+        parts.headers.append(header::VIA, via);
+    }
     let path = api_path(parts.uri.path()).unwrap_or("/v1/");
     let path_q = parts
         .uri
@@ -405,7 +513,12 @@ async fn proxy(
         .get_or_create(&model_label(&model))
         .inc();
     loop {
-        let Some((idx, backend)) = route.pick(&tried) else {
+        let picked = if tried.len() < MAX_ATTEMPTS {
+            route.pick(&tried)
+        } else {
+            None
+        };
+        let Some((idx, backend)) = picked else {
             shared
                 .metrics
                 .in_flight
@@ -439,6 +552,14 @@ async fn proxy(
                 for h in STRIP_RESPONSE {
                     rparts.headers.remove(*h);
                 }
+                let sse = rparts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+                if sse {
+                    // A broken stream gets an error event added (GwBody).
+                    rparts.headers.remove(header::CONTENT_LENGTH);
+                }
                 let finish = Finish {
                     shared: shared.clone(),
                     backend,
@@ -452,7 +573,7 @@ async fn proxy(
                     usage: Usage::default(),
                     outcome: outcome::ABORTED,
                 };
-                let resp = Response::from_parts(rparts, GwBody::stream(inner, finish));
+                let resp = Response::from_parts(rparts, GwBody::stream(inner, finish, sse));
                 let overhead = t0.elapsed().saturating_sub(upstream_wait);
                 shared.metrics.overhead.observe(overhead.as_secs_f64());
                 return Ok(resp);

@@ -24,8 +24,9 @@ pub mod outcome {
     pub const OK: &str = "ok";
     /// The client went away (or the connection broke) before the body ended.
     pub const ABORTED: &str = "aborted";
-    /// The engine's body broke off (an error while reading it).
-    pub const UPSTREAM_ERROR: &str = "upstream_error";
+    /// The engine's body broke off (an error while reading it): a stream
+    /// ended with an SSE error event and no `[DONE]` (issue 12, item 6).
+    pub const UPSTREAM_ABORTED: &str = "upstream_aborted";
 }
 
 /// One API request's journal entry.

@@ -403,7 +403,7 @@ async fn cors_answers_only_configured_origins() {
     // must carry the CORS headers so the page can read the error.
     let sim = sim("alpha").await;
     let dir = tempfile::tempdir().unwrap();
-    let keys = write_keys(dir.path(), &["sk-one"]);
+    let keys = write_keys(dir.path(), &["sk-one-0123456789abcdef0123456789abcdef"]);
     let s = settings(
         &[m("alpha", sim.addr.port())],
         &format!("auth = true\ncors_origins = [\"{CHAT_ORIGIN}\"]"),
@@ -436,7 +436,12 @@ async fn cors_answers_only_configured_origins() {
     assert!(h("vary").contains("origin"), "{:?}", r.headers);
 
     // A request from the allowed origin: allow-origin, and X-Request-Id readable.
-    let r = chat_from(gw.addr(), CHAT_ORIGIN, Some("sk-one")).await;
+    let r = chat_from(
+        gw.addr(),
+        CHAT_ORIGIN,
+        Some("sk-one-0123456789abcdef0123456789abcdef"),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.headers.get("access-control-allow-origin").unwrap(),
@@ -469,7 +474,12 @@ async fn cors_answers_only_configured_origins() {
             "{other}: {:?}",
             r.headers
         );
-        let r = chat_from(gw.addr(), other, Some("sk-one")).await;
+        let r = chat_from(
+            gw.addr(),
+            other,
+            Some("sk-one-0123456789abcdef0123456789abcdef"),
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert!(
             !r.headers.contains_key("access-control-allow-origin"),

@@ -37,7 +37,13 @@ async fn official_openai_python_client() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let keys = write_keys(dir.path(), &["sk-test", "sk-burst"]);
+    let keys = write_keys(
+        dir.path(),
+        &[
+            "sk-test-0123456789abcdef0123456789abcdef",
+            "sk-burst-0123456789abcdef0123456789abcdef",
+        ],
+    );
     let mut ma = m("alpha", a.addr.port());
     ma.aliases = vec!["gpt-4o-mini"];
     let s = settings(
@@ -53,8 +59,8 @@ async fn official_openai_python_client() {
     let out = tokio::process::Command::new(&python)
         .arg(script)
         .env("GATEWAY_URL", format!("http://{}", gw.addr()))
-        .env("API_KEY", "sk-test")
-        .env("BURST_KEY", "sk-burst")
+        .env("API_KEY", "sk-test-0123456789abcdef0123456789abcdef")
+        .env("BURST_KEY", "sk-burst-0123456789abcdef0123456789abcdef")
         .env("MODEL", "alpha")
         .env("ALIAS", "gpt-4o-mini")
         .env("LOADING_MODEL", "slow")

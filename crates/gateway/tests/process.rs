@@ -62,7 +62,7 @@ fn auth_without_credential_exits_78_naming_it() {
 async fn credentials_directory_keys_are_used() {
     let a = sim("alpha").await;
     let dir = tempfile::tempdir().unwrap();
-    write_keys(dir.path(), &["sk-cred"]);
+    write_keys(dir.path(), &["sk-cred-0123456789abcdef0123456789abcdef"]);
     let cfg = dir.path().join("citadel.toml");
     std::fs::write(
         &cfg,
@@ -94,7 +94,10 @@ async fn credentials_directory_keys_are_used() {
         }
     }
     let addr = addr.expect("listening");
-    assert!(!logs.contains("sk-cred"), "a key was logged");
+    assert!(
+        !logs.contains("sk-cred-0123456789abcdef0123456789abcdef"),
+        "a key was logged"
+    );
     let c = client();
     wait_model_state(&c, addr, "alpha", "ready").await;
     let r = send(
@@ -103,7 +106,10 @@ async fn credentials_directory_keys_are_used() {
         addr,
         "/v1/chat/completions",
         Some(&chat("alpha")),
-        &[("authorization", "Bearer sk-cred")],
+        &[(
+            "authorization",
+            "Bearer sk-cred-0123456789abcdef0123456789abcdef",
+        )],
     )
     .await;
     assert_eq!(r.status, 200);
