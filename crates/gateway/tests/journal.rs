@@ -276,3 +276,130 @@ async fn issue10_client_disconnect_mid_stream_logs_aborted() {
     );
     gw.shutdown(T).await;
 }
+
+/// A tiny engine that answers every GET (its health check) with 200 and
+/// every POST with an SSE stream of `events` events, then drops the
+/// connection without ending the chunked body: an engine killed mid-stream.
+/// With `partial`, the last event is cut in the middle.
+async fn breaking_engine(events: usize, partial: bool) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                let mut buf = [0u8; 4096];
+                let head_end = loop {
+                    if let Some(p) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break p + 4;
+                    }
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => data.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&data[..head_end]).to_ascii_lowercase();
+                if head.starts_with("get ") {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                        )
+                        .await;
+                    return;
+                }
+                // Read the whole request body, so that closing sends FIN, not RST.
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while data.len() - head_end < len {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => data.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                for i in 0..events {
+                    let mut ev = format!(
+                        "data: {{\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i}\"}}}}]}}\n\n"
+                    );
+                    if partial && i + 1 == events {
+                        ev.truncate(ev.len() / 2);
+                    }
+                    out.extend_from_slice(format!("{:x}\r\n{ev}\r\n", ev.len()).as_bytes());
+                }
+                let _ = s.write_all(&out).await;
+                let _ = s.flush().await;
+                // Dropped here: no terminating chunk, no [DONE].
+            });
+        }
+    });
+    addr
+}
+
+/// Issue 12, item 6: a stream the engine broke off looked complete (200, 51
+/// events, then the end: no `[DONE]`, no error). Now it ends with an SSE
+/// error event in OpenAI's shape (`upstream_aborted`) and no `[DONE]`, is
+/// counted in `citadel_gateway_upstream_aborted_total{model}` and logged with
+/// `outcome=upstream_aborted`. A cut in the middle of an event is closed
+/// first, so that the error event stands alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue12_broken_stream_ends_with_an_error_event() {
+    captured();
+    for (n, partial) in [(5usize, false), (3, true)] {
+        let engine = breaking_engine(n, partial).await;
+        let s = settings(&[m("delta", engine.port())], "auth = false");
+        let gw = gateway(&s, None).await;
+        let c = client();
+        wait_model_state(&c, gw.addr(), "delta", "ready").await;
+        let id = format!("journal-broken-{n}");
+        let body = serde_json::json!({"model": "delta", "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]})
+        .to_string();
+        let r = send(
+            &c,
+            "POST",
+            gw.addr(),
+            "/v1/chat/completions",
+            Some(&body),
+            &[("x-request-id", id.as_str())],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let text = r.text();
+        assert!(!text.contains("[DONE]"), "{text}");
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        let full = if partial { n - 1 } else { n };
+        assert_eq!(events.len(), n + 1, "{text:?}");
+        for e in &events[..full] {
+            let v: serde_json::Value = serde_json::from_str(e.strip_prefix("data: ").unwrap())
+                .unwrap_or_else(|err| panic!("{err}: {e}"));
+            assert_eq!(v["object"], "chat.completion.chunk");
+        }
+        let last = events.last().unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(last.strip_prefix("data: ").expect("a data event"))
+                .unwrap_or_else(|err| panic!("{err}: {last}"));
+        assert_eq!(v["error"]["type"], "upstream_error", "{v}");
+        assert_eq!(v["error"]["code"], "upstream_aborted", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("delta"),
+            "{v}"
+        );
+        assert!(text.ends_with("\n\n"), "{text:?}");
+        let e = request_event(&id).await;
+        assert_eq!(e.get("outcome"), Some("upstream_aborted"), "{e:#?}");
+        assert!(e.message().ends_with(" outcome=upstream_aborted"), "{e:#?}");
+        let metrics = get(&c, gw.addr(), "/metrics").await.text();
+        assert!(
+            metrics.contains("citadel_gateway_upstream_aborted_total{model=\"delta\"} 1"),
+            "{metrics}"
+        );
+        gw.shutdown(T).await;
+    }
+}
