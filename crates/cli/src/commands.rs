@@ -12,10 +12,7 @@ use crate::fsutil;
 use crate::observe;
 use crate::{Cli, Command};
 
-// GPU resolution through the driver (issue 10, item 5). Declared here so that
-// the crate root (main.rs) need not change; it may move there.
-#[path = "gpu.rs"]
-pub(crate) mod gpu;
+use crate::gpu;
 
 pub const EXIT_INVALID: u8 = 1;
 

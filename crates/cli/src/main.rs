@@ -20,6 +20,7 @@ mod analyze;
 mod commands;
 mod control;
 mod fsutil;
+mod gpu;
 mod install;
 mod observe;
 mod owned;
