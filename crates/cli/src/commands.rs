@@ -122,7 +122,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             with_checked_settings(&ctx, |s| block_on(control::jobs(s, "restart", &services)))
         }
         Command::Reload { services } => {
-            with_checked_settings(&ctx, |s| block_on(control::jobs(s, "reload", &services)))
+            let code =
+                with_checked_settings(&ctx, |s| block_on(control::jobs(s, "reload", &services)))?;
+            if code == ExitCode::from(EXIT_INVALID) {
+                errln!(
+                    "nothing was reloaded: the running services keep their current configuration"
+                );
+            }
+            Ok(code)
         }
         Command::Enable { services } => {
             with_settings(&ctx, |s| block_on(control::enable(s, &services, true)))

@@ -648,6 +648,12 @@ fn issue9_broken_config_reload_keeps_serving() {
                 drain_line
             };
             assert!(err.contains(&format!("{CONFIG}:{line}:")), "{what}: {err}");
+            assert!(
+                err.contains(
+                    "nothing was reloaded: the running services keep their current configuration"
+                ),
+                "{what}: says the old config stays: {err}"
+            );
             // systemctl reload sends SIGHUP whatever the file says: the gateway
             // rejects the new config and keeps serving the old one.
             let (before, _) = gateway_reloads(&st);
