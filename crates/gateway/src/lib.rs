@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     /// (`Via: 1.1 citadel-ID`), so a request that comes back is refused as
     /// a loop (issue 12, item 3).
     pub(crate) instance: String,
+    /// `1.1 <instance>`, the `Via` value added to forwarded requests.
+    pub(crate) via: http::HeaderValue,
     /// Whether the listening socket is on loopback: otherwise `/metrics` and
     /// `/health/models` need a key (issue 12, item 5).
     pub(crate) loopback_only: bool,
@@ -268,6 +270,9 @@ pub async fn start(
         source,
     })?;
     let seed = id_seed();
+    let instance = format!("citadel-{:016x}", splitmix64(seed ^ 0x5ca1_ab1e));
+    // tidy: infallible (ASCII letters, digits, a dot and spaces)
+    let via = http::HeaderValue::from_str(&format!("1.1 {instance}")).expect("a valid Via value");
     let shared = Arc::new(Shared {
         table: RwLock::new(Arc::new(table)),
         metrics: metrics::Metrics::new(),
@@ -276,7 +281,8 @@ pub async fn start(
         id_seed: seed,
         auth_failures: throttle::AuthFailures::new(),
         // Not the request ids' seed (clients see those): a second mix of it.
-        instance: format!("citadel-{:016x}", splitmix64(seed ^ 0x5ca1_ab1e)),
+        instance: instance.clone(),
+        via,
         loopback_only: addr.ip().is_loopback(),
         stopping: AtomicBool::new(false),
         stop_notify: Notify::new(),

@@ -496,9 +496,7 @@ async fn proxy(
     }
     parts.headers.insert(X_REQUEST_ID.clone(), rid.clone());
     // The hop mark: a request that comes back here is refused (check_loop).
-    if let Ok(via) = HeaderValue::from_str(&format!("1.1 {}", shared.instance)) {
-        parts.headers.append(header::VIA, via);
-    }
+    parts.headers.append(header::VIA, shared.via.clone());
     let path = api_path(parts.uri.path()).unwrap_or("/v1/");
     let path_q = parts
         .uri
