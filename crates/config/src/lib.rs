@@ -15,6 +15,7 @@ mod diag;
 mod engine;
 pub mod gpu;
 mod host;
+pub mod network;
 pub mod raw;
 mod settings;
 pub mod units;
@@ -27,6 +28,7 @@ pub use diag::{Diagnostic, Report, Severity};
 pub use engine::{Engine, EngineKind, ReadyCheck};
 pub use gpu::GpuRef;
 pub use host::{check_host, HostFacts};
+pub use network::{EngineNetwork, HostNetworkReason};
 pub use settings::{
     units as unit_names, Gateway, Limits, Model, ModelName, Paths, Port, ServiceIdentity, Settings,
 };

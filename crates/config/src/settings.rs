@@ -279,6 +279,12 @@ impl Model {
 pub mod units {
     pub const TARGET: &str = "citadel.target";
     pub const GATEWAY: &str = "citadel-gateway.service";
+    /// The gateway's public listening socket, made by PID 1 in the host's
+    /// network namespace and handed to the gateway (socket activation).
+    pub const GATEWAY_SOCKET: &str = "citadel-gateway.socket";
+    /// Makes and removes Citadel's private network namespace
+    /// ([`crate::network::NETNS_PATH`]), which the gateway and the models join.
+    pub const NETNS: &str = "citadel-netns.service";
     pub const MODEL_TEMPLATE: &str = "citadel-model@.service";
 }
 

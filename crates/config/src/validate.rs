@@ -416,13 +416,17 @@ impl Validator {
         self.alias_collisions(raw);
         self.diags
             .extend(crate::gpu::shared_gpu_warnings(raw, &models));
-        Settings {
+        let settings = Settings {
             source: source.to_owned(),
             paths,
             service,
             gateway,
             models,
-        }
+        };
+        // Issue 12, item 1: replicas or an engine that needs the network keep
+        // the stack in the host's network namespace; say what that costs.
+        self.diags.extend(crate::network::warnings(raw, &settings));
+        settings
     }
 
     /// Issue 9, item 13: the directories Citadel creates, chmods and purges are
