@@ -52,8 +52,11 @@ pub use duration::parse_duration;
 pub const CRASH_EXIT_CODE: i32 = 70;
 
 /// How long a graceful shutdown waits for in-flight requests before dropping
-/// connections.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// connections, unless [`SimConfig::shutdown_grace`] says otherwise: long
+/// enough for a stream to finish (issue 10, item 1: with 2 s, a stream in
+/// flight when `systemctl stop` came was cut). Under systemd the model's
+/// `stop_timeout` still bounds it: the supervisor SIGKILLs the engine then.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Simulator configuration.
 #[derive(Clone, Debug)]
@@ -76,6 +79,10 @@ pub struct SimConfig {
     pub faults: Faults,
     /// Print start/ready/fault lines to stderr (the binary sets this).
     pub log_to_stderr: bool,
+    /// After a graceful stop begins (SIGTERM, [`SimHandle::shutdown`]), how
+    /// long in-flight requests and streams may take to finish before their
+    /// connections are dropped. New connections are refused at once.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for SimConfig {
@@ -89,6 +96,7 @@ impl Default for SimConfig {
             embedding_dim: 8,
             faults: Faults::default(),
             log_to_stderr: false,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
@@ -488,7 +496,8 @@ fn escape_label(s: &str) -> String {
 }
 
 /// Serves the simulator on `listener` until `shutdown` resolves (graceful:
-/// in-flight requests get [`SHUTDOWN_GRACE`] to finish) or a crash fault
+/// the listener closes, in-flight requests get [`SimConfig::shutdown_grace`]
+/// to finish) or a crash fault
 /// fires (returns an error of kind `Other` whose message contains
 /// "simulated crash"). Returns immediately with such an error when
 /// `faults.crash_on_start` is set.
@@ -550,8 +559,11 @@ async fn serve_shared(
     drop(done_tx);
     if shared.phase() == Phase::Stopping {
         // Wait for connections to drain (each one bounds itself by the grace period).
-        let _ =
-            tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_millis(500), done_rx.recv()).await;
+        let grace = shared
+            .cfg
+            .shutdown_grace
+            .saturating_add(Duration::from_millis(500));
+        let _ = tokio::time::timeout(grace, done_rx.recv()).await;
         shared.set_phase(Phase::Stopped);
     }
     if shared.phase() == Phase::Crashed {

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use citadel_engine_sim::{parse_duration, serve, Faults, SimConfig, CRASH_EXIT_CODE};
+
+/// `--shutdown-grace`'s default, as clap shows it (`DEFAULT_SHUTDOWN_GRACE`).
+const DEFAULT_GRACE: &str = "30s";
 use clap::Parser;
 
 /// Simulated OpenAI-compatible inference engine (vLLM stand-in; no GPU, no
@@ -60,6 +63,11 @@ struct Args {
     /// Fault: after load, allocate and touch N MiB per second until killed.
     #[arg(long, value_name = "N")]
     allocate_mb_per_sec: Option<f64>,
+    /// On SIGTERM/SIGINT: stop accepting at once, then give requests and streams
+    /// in flight this long to finish before closing their connections (under
+    /// systemd the model's stop_timeout bounds it), e.g. 30s, 500ms.
+    #[arg(long, value_name = "SPAN", default_value = DEFAULT_GRACE, value_parser = parse_duration)]
+    shutdown_grace: Duration,
     /// Tokio worker threads; 0 or 1 = a single-threaded runtime.
     #[arg(long, default_value_t = 1)]
     worker_threads: usize,
@@ -88,6 +96,7 @@ fn main() -> ExitCode {
             allocate_mb_per_sec: args.allocate_mb_per_sec,
         },
         log_to_stderr: true,
+        shutdown_grace: args.shutdown_grace,
         ..SimConfig::default()
     };
     if cfg.faults.crash_on_start {
@@ -147,7 +156,8 @@ async fn run(args: Args, cfg: SimConfig) -> ExitCode {
         "citadel-engine-sim: simulating model(s) {} on {addr}, load time {load}, {pace} (SIMULATOR: no real inference)",
         cfg.models.join(", "),
     );
-    let signals = async {
+    let grace = cfg.shutdown_grace;
+    let signals = async move {
         use tokio::signal::unix::{signal, SignalKind};
         match (
             signal(SignalKind::terminate()),
@@ -158,7 +168,10 @@ async fn run(args: Args, cfg: SimConfig) -> ExitCode {
                     _ = term.recv() => "SIGTERM",
                     _ = int.recv() => "SIGINT",
                 };
-                eprintln!("citadel-engine-sim: {name} received, shutting down");
+                eprintln!(
+                    "citadel-engine-sim: {name} received, shutting down (no new connections; requests in flight get up to {:?})",
+                    grace
+                );
             }
             (Err(e), _) | (_, Err(e)) => {
                 eprintln!("citadel-engine-sim: cannot install signal handlers: {e}");
@@ -176,5 +189,24 @@ async fn run(args: Args, cfg: SimConfig) -> ExitCode {
             // Exit at once, like a crashing process: no draining of anything.
             std::process::exit(CRASH_EXIT_CODE);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default clap shows is the library's default.
+    #[test]
+    fn default_grace_is_the_library_default() {
+        assert_eq!(
+            parse_duration(DEFAULT_GRACE),
+            Ok(citadel_engine_sim::DEFAULT_SHUTDOWN_GRACE)
+        );
+        let args = Args::parse_from(["citadel-engine-sim"]);
+        assert_eq!(
+            args.shutdown_grace,
+            citadel_engine_sim::DEFAULT_SHUTDOWN_GRACE
+        );
     }
 }

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::body::{Gen, Kind, Running, SimBody, TokenStream};
-use crate::{metrics, FaultUpdate, Phase, Shared, SHUTDOWN_GRACE};
+use crate::{metrics, FaultUpdate, Phase, Shared};
 
 const MAX_BODY: usize = 4 << 20;
 /// Simulated context length: larger `max_tokens` is rejected like vLLM does.
@@ -68,7 +68,7 @@ pub(crate) async fn serve_connection(
     conn.as_mut().graceful_shutdown();
     tokio::select! {
         _ = conn.as_mut() => {}
-        () = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+        () = tokio::time::sleep(shared.cfg.shutdown_grace) => {}
     }
 }
 

@@ -199,3 +199,90 @@ fn bad_duration_is_a_usage_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Starts a 60-token stream at 20 tokens/s (3 s) and sends SIGTERM once its
+/// first event arrived: (the stream, whether a new connection was refused
+/// while it drained, the exit status).
+async fn sigterm_during_stream(args: &[&str]) -> (Streamed, bool, ExitStatus) {
+    let mut all = vec!["--tokens-per-second", "20"];
+    all.extend_from_slice(args);
+    let (mut child, addr) = start(&all);
+    wait_healthy(addr).await;
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let stream = tokio::spawn(async move {
+        post_stream_notify(
+            addr,
+            "/v1/completions",
+            &serde_json::json!({"model": "m", "prompt": "x", "max_tokens": 60, "stream": true}),
+            first_tx,
+        )
+        .await
+    });
+    first_rx.await.expect("the stream's first event");
+    signal(&child, "-TERM");
+    // The listener closes at once: poll until a connect is refused, while
+    // the stream is still running.
+    let refused_while_draining = {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                break !stream.is_finished();
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let streamed = stream.await.expect("stream task");
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
+            .await
+            .unwrap();
+    (streamed, refused_while_draining, status)
+}
+
+/// Issue 10, item 1: a graceful stop must not cut requests in flight. The
+/// simulator gave them a hard-coded 2 s after SIGTERM, so a 3 s stream was
+/// cut; now `--shutdown-grace` (default 30 s) lets it finish with [DONE],
+/// while new connections are refused from SIGTERM on.
+#[tokio::test]
+async fn issue10_sigterm_lets_a_stream_in_flight_finish() {
+    let (streamed, refused, status) = sigterm_during_stream(&[]).await;
+    let events = streamed.events();
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "the stream was cut after {} events",
+        events.len()
+    );
+    let finished = events
+        .iter()
+        .any(|e| e.contains(r#""finish_reason":"length""#));
+    assert!(finished, "no final chunk in {} events", events.len());
+    assert!(
+        streamed.started.elapsed() > Duration::from_secs(2),
+        "the stream ran past the old 2 s grace"
+    );
+    assert!(refused, "a new connection was accepted after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// Issue 10, item 1: the grace period still bounds a stop: with
+/// `--shutdown-grace 500ms` the 3 s stream is cut (no [DONE]) and the
+/// process exits 0 well before the stream would have ended.
+#[tokio::test]
+async fn issue10_shutdown_grace_bounds_the_stop() {
+    let t = Instant::now();
+    let (streamed, refused, status) = sigterm_during_stream(&["--shutdown-grace", "500ms"]).await;
+    let all: Vec<u8> = streamed
+        .frames
+        .iter()
+        .flat_map(|(_, b)| b.to_vec())
+        .collect();
+    let text = String::from_utf8_lossy(&all);
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert!(refused);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}

@@ -160,3 +160,44 @@ pub fn openai_error(b: &[u8]) -> Value {
     );
     e
 }
+
+/// Like [`post_stream`], but sends on `first` when the first body frame
+/// arrived, and ends quietly (with what came) when the stream breaks.
+pub async fn post_stream_notify(
+    addr: SocketAddr,
+    path: &str,
+    body: &Value,
+    first: tokio::sync::oneshot::Sender<()>,
+) -> Streamed {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let started = Instant::now();
+    let resp = client().request(req).await.expect("stream request failed");
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let mut body = resp.into_body();
+    let mut frames = Vec::new();
+    let mut first = Some(first);
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            frames.push((Instant::now(), data));
+            if let Some(tx) = first.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+    Streamed {
+        status,
+        content_type,
+        started,
+        frames,
+    }
+}
