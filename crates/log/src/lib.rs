@@ -31,7 +31,7 @@
 //! | `STREAM` | gateway | `true` for a streamed (SSE) request |
 //! | `BACKEND` | gateway | the engine or replica that answered (its base URL) |
 //! | `PROMPT_TOKENS`, `COMPLETION_TOKENS`, `TOTAL_TOKENS` | gateway | from the response's `usage`, when it has one |
-//! | `OUTCOME` | gateway | `ok` (the whole body was sent), `aborted` (the client went away first), `upstream_error` (the engine's body broke off), or the error code of a refused request (`model_not_ready`, `invalid_api_key`, ...) |
+//! | `OUTCOME` | gateway | `ok` (the whole body was sent), `aborted` (the client went away first), `upstream_aborted` (the engine's body broke off; a stream gets an SSE error event and no `[DONE]`), or the error code of a refused request (`model_not_ready`, `invalid_api_key`, ...) |
 //! | `STATE` | gateway | a backend's health when it stops serving (`loading`, `down`) |
 //! | `AVAILABILITY` | gateway | how many models serve, when that changes (`serving 2/3 models`) |
 //! | `ENGINE`, `PORT` | supervisor | the model's engine kind and port |
