@@ -14,6 +14,20 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
+# Debian's prometheus package: promtool checks and unit-tests monitoring/, and the
+# real-Prometheus e2e runs its server. Its own service is disabled when we install
+# it: the test sandboxes are overlays of / and would each start one on :9090.
+if ! dpkg -s prometheus >/dev/null 2>&1; then
+  echo "setup: installing prometheus (promtool; its own service left disabled)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  systemctl disable prometheus.service >/dev/null 2>&1 || true
+  if [ "$(ps -p 1 -o comm= 2>/dev/null)" = systemd ]; then
+    systemctl stop prometheus.service >/dev/null 2>&1 || true
+  fi
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     echo "setup: Rust is installed in ~/.cargo/bin; add it to PATH (source ~/.cargo/env)"
