@@ -38,6 +38,51 @@ pub struct Plan {
     removed_units: Vec<String>,
     /// Where the rendered copies are kept (`/opt/citadel/config/systemd`).
     render_dir: PathBuf,
+    /// The units to enable: only those new to this install ([`units_to_enable`]).
+    enable: Vec<String>,
+    /// The units whose enablement is left as the operator set it.
+    enable_kept: Vec<String>,
+}
+
+/// Where the modules-load.d file goes (issue 10, item 5), relative to `/`.
+fn modules_load_dir(root: &Path) -> PathBuf {
+    rooted(root, Path::new("/usr/local/lib/modules-load.d"))
+}
+
+/// Issue 10, item 2: `install` enabled every unit on every run, so a
+/// reinstall undid `citadel-systemd disable MODEL`. It enables a unit only
+/// when the unit is new to this install: a first install (no record), a
+/// model added to the config since the last install, or one whose files are
+/// gone (after `uninstall`, which disables everything). A unit is not new
+/// when the install record lists one of its files (the unit file or its
+/// drop-in, in the vendor layer or, before issue 10, in /etc) and that file
+/// is still there: its enablement is the operator's, and is left alone.
+/// Returns (to enable, kept as they are).
+pub fn units_to_enable(
+    root: &Path,
+    enable: &[String],
+    previous: Option<&owned::Manifest>,
+) -> (Vec<String>, Vec<String>) {
+    let Some(m) = previous else {
+        return (enable.to_vec(), Vec::new());
+    };
+    let layers = [
+        Path::new(citadel_render::VENDOR_UNIT_DIR),
+        Path::new(citadel_render::ADMIN_UNIT_DIR),
+    ];
+    let installed = |unit: &str| {
+        let drop_in_dir = format!("{unit}.d");
+        m.files.iter().any(|f| {
+            let Some(dir) = f.parent() else {
+                return false;
+            };
+            let own_file = layers.contains(&dir) && f.file_name().is_some_and(|n| n == unit);
+            let drop_in = dir.file_name().is_some_and(|n| *n == *drop_in_dir)
+                && dir.parent().is_some_and(|d| layers.contains(&d));
+            (own_file || drop_in) && rooted(root, f).is_file()
+        })
+    };
+    enable.iter().cloned().partition(|u| !installed(u))
 }
 
 /// Where Citadel's units and drop-ins go: the vendor layer (issue 10, item 3).
@@ -105,9 +150,14 @@ pub fn plan(
     }
     // An operator's file where a rendered one goes: refuse before writing anything.
     fsutil::refuse_conflicts(&changes)?;
-    // Generated files no longer rendered: in the unit directory and our render directory.
-    for dir in [unit_dir(root), render_dir.clone()] {
-        for stale in fsutil::generated_files(&dir, 1) {
+    // Generated files no longer rendered: in the unit directory, our render
+    // directory and modules-load.d (no model has GPUs any more).
+    for (dir, depth) in [
+        (unit_dir(root), 1),
+        (render_dir.clone(), 1),
+        (modules_load_dir(root), 0),
+    ] {
+        for stale in fsutil::generated_files(&dir, depth) {
             if !pairs.iter().any(|(p, _)| *p == stale) && !changes.removed.contains(&stale) {
                 changes.removed.push(stale);
             }
@@ -167,6 +217,7 @@ pub fn plan(
         }
         binaries.push((source, target));
     }
+    let (enable, enable_kept) = units_to_enable(root, &rendered.enable, previous);
     Ok(Plan {
         files,
         changes,
@@ -175,10 +226,39 @@ pub fn plan(
         units_changed,
         removed_units,
         render_dir,
+        enable,
+        enable_kept,
     })
 }
 
 impl Plan {
+    /// "N units enabled (...)" and the units whose enablement was kept.
+    fn enablement_summary(&self) -> String {
+        let names = |units: &[String]| {
+            units
+                .iter()
+                .map(|u| crate::services::short_name(u).to_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut text = if self.enable.is_empty() {
+            "no new units to enable".to_owned()
+        } else {
+            format!(
+                "{} new units enabled ({})",
+                self.enable.len(),
+                names(&self.enable)
+            )
+        };
+        if !self.enable_kept.is_empty() {
+            text.push_str(&format!(
+                "; enablement of {} kept as it was (`citadel-systemd enable/disable` changes it)",
+                names(&self.enable_kept)
+            ));
+        }
+        text
+    }
+
     pub fn print(&self) -> std::io::Result<()> {
         // The copies kept in the render directory mirror the installed files:
         // list the installed ones, count the copies.
@@ -288,9 +368,14 @@ pub async fn install(
     manifest
         .preexisting_dirs
         .extend(dirs.preexisting.iter().cloned());
-    manifest
-        .created_dirs
-        .extend(owned::missing_vendor_dirs(root));
+    // The vendor directories this install creates (those it writes into).
+    let logical = |p: &Path| Path::new("/").join(p.strip_prefix(root).unwrap_or(p));
+    let written: Vec<PathBuf> = plan.files.iter().map(|(p, _, _)| logical(p)).collect();
+    manifest.created_dirs.extend(
+        owned::missing_vendor_dirs(root)
+            .into_iter()
+            .filter(|d| written.iter().any(|f| f.starts_with(d))),
+    );
     let (user, group) = (&settings.service.user, &settings.service.group);
     if owned::id_of(root, "passwd", user).is_none() {
         manifest.created_user = Some(user.clone());
@@ -363,7 +448,6 @@ pub async fn install(
             settings.service.group
         )
     })?;
-    let logical = |p: &Path| Path::new("/").join(p.strip_prefix(root).unwrap_or(p));
     if settings.gateway.auth && ensure_api_key(&api_keys)? {
         manifest.files.insert(logical(&api_keys));
     }
@@ -382,12 +466,13 @@ pub async fn install(
         if !plan.removed_units.is_empty() {
             systemctl_offline(root, "disable", &plan.removed_units)?;
         }
-        systemctl_offline(root, "enable", &rendered.enable)?;
+        if !plan.enable.is_empty() {
+            systemctl_offline(root, "enable", &plan.enable)?;
+        }
         outln!(
-            "installed into {} (not the running system): {} units enabled offline ({}); files in {} ms",
+            "installed into {} (not the running system): {}; files in {} ms",
             root.display(),
-            rendered.enable.len(),
-            unit_names::TARGET,
+            plan.enablement_summary(),
             files_done.as_millis()
         )?;
         return Ok(ExitCode::SUCCESS);
@@ -410,11 +495,12 @@ pub async fn install(
         systemd.daemon_reload().await?;
     }
     let reload_took = reload_started.elapsed();
-    systemd.enable(&rendered.enable).await?;
+    if !plan.enable.is_empty() {
+        systemd.enable(&plan.enable).await?;
+    }
     outln!(
-        "installed: {} units enabled ({}); files in {} ms, daemon-reload {} ms",
-        rendered.enable.len(),
-        unit_names::TARGET,
+        "installed: {}; files in {} ms, daemon-reload {} ms",
+        plan.enablement_summary(),
         files_done.as_millis(),
         reload_took.as_millis()
     )?;
@@ -511,6 +597,7 @@ pub async fn uninstall(root: &Path, settings: Option<&Settings>, purge: bool) ->
         units.extend(s.models.iter().map(|m| m.unit_name()));
     }
     units.push(unit_names::GATEWAY.to_owned());
+    units.push(unit_names::GATEWAY_SOCKET.to_owned());
     units.sort();
     units.dedup();
     let mut disable = units.clone();
@@ -544,6 +631,13 @@ pub async fn uninstall(root: &Path, settings: Option<&Settings>, purge: bool) ->
     fsutil::apply(&[], &changes)?;
     for path in &generated {
         outln!("  removed  {}", path.display())?;
+    }
+    // The NVIDIA modules-load.d entry serves the model units only: it goes
+    // with them (an operator's file of that name is kept).
+    for p in fsutil::generated_files(&modules_load_dir(root), 0) {
+        if fs::remove_file(&p).is_ok() {
+            outln!("  removed  {}", p.display())?;
+        }
     }
     for f in [
         "/usr/local/lib/sysusers.d/citadel.conf",
@@ -664,4 +758,149 @@ fn ensure_api_key(path: &Path) -> Result<bool> {
         path.display()
     )?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODELS: &str =
+        "[models.a]\nport = 11400\nengine = \"sim\"\n[models.b]\nport = 11401\nengine = \"sim\"\n";
+
+    fn settings(toml: &str) -> Settings {
+        citadel_config::parse(toml, Path::new("c.toml"))
+            .unwrap()
+            .settings
+    }
+
+    fn put(root: &Path, path: &str, text: &str) {
+        let p = rooted(root, Path::new(path));
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+
+    fn record(files: &[&str]) -> owned::Manifest {
+        owned::Manifest {
+            version: 1,
+            files: files.iter().map(PathBuf::from).collect(),
+            ..owned::Manifest::default()
+        }
+    }
+
+    /// Issue 10, item 2: a reinstall re-enabled every model, undoing
+    /// `disable`. Only units new to this install are enabled: all of them on
+    /// a first install; then only a model added since, or one whose files
+    /// are gone (after `uninstall`); an installed unit's enablement is kept.
+    #[test]
+    fn issue10_install_enables_only_new_units() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let s = settings(MODELS);
+        let enable = citadel_render::render(&s).enable;
+        let (on, kept) = units_to_enable(root, &enable, None);
+        assert_eq!(on, enable, "a first install enables everything");
+        assert!(kept.is_empty());
+
+        let vendor = citadel_render::VENDOR_UNIT_DIR;
+        // Installed before: every unit but model b (its drop-in is new); the
+        // render directory's copy of b's drop-in is not an installed unit.
+        let b = "citadel-model@b.service";
+        let mut files: Vec<String> = enable
+            .iter()
+            .filter(|u| *u != b)
+            .map(|u| {
+                if u.starts_with("citadel-model@") {
+                    format!("{vendor}/{u}.d/50-citadel.conf")
+                } else {
+                    format!("{vendor}/{u}")
+                }
+            })
+            .collect();
+        files.push(format!("{vendor}/citadel-model@.service"));
+        files.push(format!("/opt/citadel/config/systemd/{b}.d/50-citadel.conf"));
+        for f in &files {
+            put(root, f, "# Generated by citadel-systemd\n");
+        }
+        let m = record(&files.iter().map(String::as_str).collect::<Vec<_>>());
+        let (on, kept) = units_to_enable(root, &enable, Some(&m));
+        assert_eq!(on, [b], "b is new to this install");
+        let others: Vec<&String> = enable.iter().filter(|u| *u != b).collect();
+        assert_eq!(kept.iter().collect::<Vec<_>>(), others);
+        assert!(kept.contains(&"citadel.target".to_owned()), "{kept:?}");
+        assert!(
+            kept.contains(&"citadel-model@a.service".to_owned()),
+            "{kept:?}"
+        );
+
+        // After `uninstall` the record still lists the files, but they are gone.
+        fs::remove_file(rooted(
+            root,
+            Path::new(&format!(
+                "{vendor}/citadel-model@a.service.d/50-citadel.conf"
+            )),
+        ))
+        .unwrap();
+        let (on, _) = units_to_enable(root, &enable, Some(&m));
+        assert!(on.contains(&"citadel-model@a.service".to_owned()), "{on:?}");
+
+        // The old layout (before issue 10) counts as installed: a migration
+        // keeps the operator's enablement.
+        let legacy = format!(
+            "{}/citadel-model@a.service.d/50-citadel.conf",
+            citadel_render::ADMIN_UNIT_DIR
+        );
+        put(root, &legacy, "# Generated by citadel-systemd\n");
+        let (on, _) = units_to_enable(root, &enable, Some(&record(&[&legacy])));
+        assert!(
+            !on.contains(&"citadel-model@a.service".to_owned()),
+            "{on:?}"
+        );
+    }
+
+    /// A bin directory holding (empty) binaries, for [`plan`].
+    fn bin_dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for b in BINARIES {
+            fs::write(d.path().join(b), "").unwrap();
+        }
+        d
+    }
+
+    /// Issue 10, items 3 and 5: the modules-load.d file a GPU config
+    /// installed was never removed: `plan` now treats it as stale once no
+    /// model has GPUs; an operator's file of the same name is not touched.
+    #[test]
+    fn issue10_modules_load_file_is_stale_without_gpus() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let bins = bin_dir();
+        let config = root.join("citadel.toml");
+        fs::write(&config, MODELS).unwrap();
+        let target = modules_load_dir(root).join("citadel-nvidia.conf");
+        let gpu = settings(&format!("{MODELS}gpus = [0]\n"));
+        let rendered = citadel_render::render(&gpu);
+        let file = rendered
+            .file(citadel_render::MODULES_LOAD_FILE)
+            .expect("a GPU config renders the modules-load file");
+        put(
+            root,
+            "/usr/local/lib/modules-load.d/citadel-nvidia.conf",
+            &file.contents,
+        );
+
+        // Still rendered: not stale.
+        let p = plan(root, &config, &gpu, &rendered, bins.path(), None).unwrap();
+        assert!(!p.changes.removed.contains(&target), "{:?}", p.changes);
+
+        // No GPUs any more: removed.
+        let s = settings(MODELS);
+        let rendered = citadel_render::render(&s);
+        let p = plan(root, &config, &s, &rendered, bins.path(), None).unwrap();
+        assert!(p.changes.removed.contains(&target), "{:?}", p.changes);
+
+        // An operator's file of that name stays.
+        fs::write(&target, "nvidia\n").unwrap();
+        let p = plan(root, &config, &s, &rendered, bins.path(), None).unwrap();
+        assert!(!p.changes.removed.contains(&target), "{:?}", p.changes);
+    }
 }

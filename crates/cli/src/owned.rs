@@ -92,8 +92,9 @@ impl Manifest {
 }
 
 /// The vendor-layer directories Citadel installs its generated files into
-/// (issue 10, item 3), parents first. Those that do not exist yet when
-/// `install` runs are recorded as Citadel's ([`missing_vendor_dirs`]), so
+/// (issue 10, item 3; `modules-load.d` only when a model has GPUs), parents
+/// first. Those that do not exist yet when `install` runs and that it writes
+/// into are recorded as Citadel's ([`missing_vendor_dirs`]), so
 /// `uninstall --purge` removes them again once empty; one that existed
 /// (another package's units) is never recorded and never removed.
 pub const VENDOR_DIRS: &[&str] = &[
@@ -101,6 +102,7 @@ pub const VENDOR_DIRS: &[&str] = &[
     citadel_render::VENDOR_UNIT_DIR,
     "/usr/local/lib/sysusers.d",
     "/usr/local/lib/tmpfiles.d",
+    "/usr/local/lib/modules-load.d",
 ];
 
 /// The [`VENDOR_DIRS`] that do not exist below `root` (paths as installed).
