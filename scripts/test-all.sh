@@ -35,7 +35,7 @@ cargo build --workspace --all-targets || exit 2
 step "lints (clippy, warnings are errors)"
 run "clippy" cargo clippy --workspace --all-targets -- -D warnings
 
-step "tests (unit, integration, snapshots, property, tidy, sandboxed systemd end-to-end)"
+step "tests (unit, integration, snapshots, property, tidy, monitoring assets with promtool, sandboxed systemd end-to-end, a real Prometheus)"
 run "cargo test" cargo test --workspace --no-fail-fast
 
 step "the README's main job (demo stack up, health, one chat completion)"
