@@ -28,6 +28,7 @@
 //!   a span systemd cannot hold is rendered as `infinity`.
 
 mod gpu;
+mod network;
 mod units;
 mod writer;
 
@@ -115,7 +116,8 @@ impl RenderedFile {
 pub struct Rendered {
     /// All files, ordered by path.
     pub files: Vec<RenderedFile>,
-    /// The units `install` enables (the target, the gateway, every model instance).
+    /// The units `install` enables (the target, the gateway's socket, the gateway,
+    /// every model instance).
     pub enable: Vec<String>,
     /// The units `validate` checks with `systemd-analyze` (instances, not the template).
     pub verify: Vec<String>,
@@ -145,7 +147,9 @@ pub fn render_with(settings: &Settings, host: &Host) -> Rendered {
         units::failure_template(settings),
         units::sysusers(settings),
         units::tmpfiles(settings),
+        network::gateway_socket(settings),
     ];
+    files.extend(network::netns_unit(settings));
     files.extend(
         settings
             .models
@@ -158,13 +162,18 @@ pub fn render_with(settings: &Settings, host: &Host) -> Rendered {
     let model_units: Vec<String> = settings.models.iter().map(|m| m.unit_name()).collect();
     let mut enable = vec![
         citadel_config::unit_names::TARGET.to_owned(),
+        citadel_config::unit_names::GATEWAY_SOCKET.to_owned(),
         citadel_config::unit_names::GATEWAY.to_owned(),
     ];
     enable.extend(model_units.iter().cloned());
     let mut verify = vec![
         citadel_config::unit_names::TARGET.to_owned(),
+        citadel_config::unit_names::GATEWAY_SOCKET.to_owned(),
         citadel_config::unit_names::GATEWAY.to_owned(),
     ];
+    if settings.engine_network().is_isolated() {
+        verify.push(citadel_config::unit_names::NETNS.to_owned());
+    }
     verify.extend(model_units);
     Rendered {
         files,

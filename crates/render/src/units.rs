@@ -150,6 +150,7 @@ pub fn model_template(settings: &Settings) -> RenderedFile {
         .comment("A crash loop ends in `failed` instead of restarting forever.")
         .set("StartLimitIntervalSec", "10min")
         .set("StartLimitBurst", "5");
+    crate::network::namespace_dependencies(&mut w, settings);
     w.section("Service")
         .comment("citadel-model launches the engine and reports READY=1 only once it can really serve.")
         .set("Type", "notify")
@@ -179,6 +180,7 @@ pub fn model_template(settings: &Settings) -> RenderedFile {
         .set("StateDirectory", "citadel/%i")
         .set("SyslogIdentifier", "citadel-model-%i");
     hardening(&mut w, settings);
+    crate::network::join_namespace(&mut w, settings);
     w.section("Install").set("WantedBy", unit_names::TARGET);
     unit(unit_names::MODEL_TEMPLATE, w)
 }
@@ -340,7 +342,13 @@ pub fn gateway(settings: &Settings) -> RenderedFile {
         )
         .set("OnFailure", "citadel-failure@%N.service")
         .set("StartLimitIntervalSec", "5min")
-        .set("StartLimitBurst", "5");
+        .set("StartLimitBurst", "5")
+        .comment(
+            "The public listening socket comes from citadel-gateway.socket (socket activation).",
+        )
+        .set("Requires", unit_names::GATEWAY_SOCKET)
+        .set("After", unit_names::GATEWAY_SOCKET);
+    crate::network::namespace_dependencies(&mut w, settings);
     w.section("Service")
         .set("Type", "notify")
         .set("NotifyAccess", "main")
@@ -370,21 +378,12 @@ pub fn gateway(settings: &Settings) -> RenderedFile {
     }
     limits(&mut w, &g.limits);
     hardening(&mut w, settings);
-    if g.port.is_privileged() {
-        w.comment(&format!(
-            "Port {} is privileged: keep only the capability to bind it.",
-            g.port
-        ))
-        .set("CapabilityBoundingSet", "CAP_NET_BIND_SERVICE")
-        .set("AmbientCapabilities", "CAP_NET_BIND_SERVICE");
-    }
+    crate::network::join_namespace(&mut w, settings);
+    // PID 1 binds the socket, a privileged port too: no capability needed here.
     w.set("MemoryDenyWriteExecute", "yes")
         .set("ProcSubset", "pid")
         .set("SystemCallFilter", "~@resources")
-        .set(
-            "PrivateUsers",
-            if g.port.is_privileged() { "no" } else { "yes" },
-        );
+        .set("PrivateUsers", "yes");
     w.section("Install").set("WantedBy", unit_names::TARGET);
     unit(unit_names::GATEWAY, w)
 }

@@ -53,7 +53,15 @@ fn issue10_gateway_neither_waits_for_nor_pulls_in_models() {
             assert!(!v.contains("citadel-model@"), "gateway {key}={v}");
         }
     }
-    assert_eq!(directive(gw, "Unit", "After"), ["network.target"]);
+    // Issue 12, item 1: also after its socket and the network namespace.
+    assert_eq!(
+        directive(gw, "Unit", "After"),
+        [
+            "network.target",
+            "citadel-gateway.socket",
+            "citadel-netns.service"
+        ]
+    );
 }
 
 /// Item 2: models are pulled in only by citadel.target through their own

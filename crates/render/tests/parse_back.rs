@@ -514,6 +514,7 @@ fn check(h: &Hostile) -> Result<(), String> {
         }
         let r = if name.ends_with(".service")
             || name.ends_with(".target")
+            || name.ends_with(".socket")
             || name.ends_with(".conf") && name.contains(".service.d/")
         {
             check_unit(h, &settings, &name, &f.contents, &b.contents)
@@ -654,6 +655,14 @@ fn check_exec(s: &Settings, name: &str, value: &str) -> Result<(), String> {
         return Err(format!("ExecStart= holds a command separator: {value:?}"));
     }
     let (cmd, args) = w.split_first().ok_or("empty ExecStart=")?;
+    if name == "citadel-netns.service" {
+        // Issue 12, item 1: fixed `ip netns` commands; nothing configured.
+        let line = w.join(" ");
+        return match line.as_str() {
+            "/bin/ip netns add citadel" | "/bin/ip -n citadel link set lo up" => Ok(()),
+            _ => Err(format!("citadel-netns.service runs {line:?}")),
+        };
+    }
     if cmd.starts_with(['-', '@', ':', '+', '!']) {
         return Err(format!("ExecStart= command has a prefix: {cmd:?}"));
     }

@@ -139,8 +139,8 @@ fn eight_models_render_one_drop_in_each() {
     assert_eq!(drop_ins, 8);
     assert_eq!(
         rendered.enable.len(),
-        10,
-        "target, gateway and 8 models: {:?}",
+        11,
+        "target, gateway socket, gateway and 8 models: {:?}",
         rendered.enable
     );
     snapshot_all("eight", &s);
@@ -364,12 +364,34 @@ fn issue10_gpu_modules_load_ships_with_gpu_models_only() {
     assert!(none.file(citadel_render::MODULES_LOAD_FILE).is_none());
 }
 
+/// Issue 12, item 1: PID 1 binds the gateway's socket (`citadel-gateway.socket`),
+/// a privileged port too, so the gateway keeps no capability at all (it had
+/// CAP_NET_BIND_SERVICE and no user namespace for port 443).
 #[test]
-fn privileged_gateway_port_keeps_only_bind_capability() {
+fn privileged_gateway_port_needs_no_capability() {
     let rendered = render(&settings(&eight_models()));
     let c = &rendered.file("citadel-gateway.service").unwrap().contents;
-    assert!(c.contains(
-        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n"
-    ));
-    assert!(c.contains("PrivateUsers=no"));
+    assert!(!c.contains("CAP_NET_BIND_SERVICE"), "{c}");
+    assert!(
+        c.contains(
+            "CapabilityBoundingSet=
+"
+        ),
+        "{c}"
+    );
+    assert!(
+        c.contains(
+            "PrivateUsers=yes
+"
+        ),
+        "{c}"
+    );
+    let socket = &rendered.file("citadel-gateway.socket").unwrap().contents;
+    assert!(
+        socket.contains(
+            "ListenStream=0.0.0.0:443
+"
+        ),
+        "{socket}"
+    );
 }
