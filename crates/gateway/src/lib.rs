@@ -5,7 +5,8 @@
 //!   loopback plus any replicas), balanced by fewest requests in flight;
 //!   responses (SSE streams included) are passed through frame by frame.
 //! * `GET /v1/models` lists the models that can serve, in OpenAI's shape.
-//! * `GET /health`, `/health/ready`, `/health/models`, `/metrics`.
+//! * `GET /health`, `/health/ready`, `/health/models`, `/metrics`,
+//!   `/metrics/engines` (the engines' own metrics, labelled by model).
 //!
 //! Backends are probed in the background (`gateway.probe_interval`) and ejected
 //! when a connection to them fails; a request whose connection failed before
@@ -17,12 +18,16 @@
 
 mod auth;
 mod body;
+mod engines;
 mod error;
+mod expo;
+pub mod listen;
 mod metrics;
 mod proxy;
 mod ratelimit;
 mod reqlog;
 mod routes;
+mod sysinfo;
 mod throttle;
 
 use std::net::SocketAddr;
@@ -485,12 +490,15 @@ impl Server {
 }
 
 /// How the binary is started.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServiceOptions {
     pub config: PathBuf,
     pub keys: KeySource,
     /// Overrides `gateway.listen`/`gateway.port` (development and tests; port 0 = ephemeral).
     pub listen: Option<SocketAddr>,
+    /// The socket systemd passed ([`listen::from_systemd`]); used unless
+    /// `listen` is set. Without either, the gateway binds the configured address.
+    pub inherited: Option<std::net::TcpListener>,
 }
 
 /// Loads and validates the config file; every error names the file.
@@ -528,19 +536,33 @@ pub async fn run_service(opts: ServiceOptions) -> Result<(), StartError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(io("cannot handle SIGTERM"))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(io("cannot handle SIGINT"))?;
     let mut sighup = signal(SignalKind::hangup()).map_err(io("cannot handle SIGHUP"))?;
-    let addr = opts
-        .listen
-        .unwrap_or_else(|| SocketAddr::new(settings.gateway.listen, settings.gateway.port.get()));
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(io(&format!("cannot listen on {addr}")))?;
+    let (listener, from_systemd) = match (opts.listen, opts.inherited) {
+        (None, Some(inherited)) => {
+            inherited
+                .set_nonblocking(true)
+                .map_err(io("cannot use the socket from systemd"))?;
+            let l = TcpListener::from_std(inherited)
+                .map_err(io("cannot use the socket from systemd"))?;
+            (l, true)
+        }
+        (listen, _) => {
+            let addr = listen.unwrap_or_else(|| {
+                SocketAddr::new(settings.gateway.listen, settings.gateway.port.get())
+            });
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(io(&format!("cannot listen on {addr}")))?;
+            (l, false)
+        }
+    };
     let server = start(&settings, opts.keys.clone(), listener).await?;
     tracing::info!(
         listen = %server.addr(),
         auth = settings.gateway.auth,
         models = settings.models.len(),
-        "listening on {}",
-        server.addr()
+        "listening on {}{}",
+        server.addr(),
+        if from_systemd { " (socket from systemd)" } else { "" }
     );
     let status = server.status();
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);

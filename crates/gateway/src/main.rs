@@ -1,5 +1,9 @@
 //! `citadel-gateway --config PATH [--api-keys-file PATH] [--listen ADDR]`
 //!
+//! Under systemd the listening socket comes from `citadel-gateway.socket`
+//! (socket activation, LISTEN_FDS); otherwise the gateway binds
+//! `gateway.listen:gateway.port`, or `--listen`, itself.
+//!
 //! Exit status: 0 after a clean stop, 78 (EX_CONFIG) when the configuration
 //! cannot work (invalid config, auth on without keys), 1 on other errors,
 //! 2 on bad command-line usage.
@@ -24,15 +28,21 @@ struct Cli {
     /// `$CREDENTIALS_DIRECTORY/api-keys` (development and tests).
     #[arg(long, value_name = "PATH")]
     api_keys_file: Option<PathBuf>,
-    /// Listen on ADDR instead of gateway.listen:gateway.port (port 0 = ephemeral).
+    /// Listen on ADDR instead of the socket from systemd (socket activation,
+    /// `citadel-gateway.socket`) or gateway.listen:gateway.port (port 0 = ephemeral).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts: it clears LISTEN_FDS/LISTEN_PID.
+    let inherited = citadel_gateway::listen::from_systemd();
     let _logging = citadel_log::init("citadel-gateway");
-    match run(cli) {
+    match inherited
+        .map_err(anyhow::Error::from)
+        .and_then(|l| run(cli, l))
+    {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             let code = e
@@ -45,7 +55,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, inherited: Option<std::net::TcpListener>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -59,6 +69,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config: cli.config,
             keys,
             listen: cli.listen,
+            inherited,
         },
     ))?;
     Ok(())

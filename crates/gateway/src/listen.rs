@@ -1,0 +1,40 @@
+//! The listening socket: handed over by systemd (socket activation from
+//! `citadel-gateway.socket`, issue 12, item 1) or bound here.
+//!
+//! Under systemd the socket is made by PID 1 in the host's network namespace
+//! while the gateway runs in Citadel's private one (with the engines): the
+//! gateway could not bind a host address itself. The socket also outlives a
+//! gateway restart, so clients connecting meanwhile wait in its backlog
+//! instead of being refused. Outside systemd (tests, development) the gateway
+//! binds `gateway.listen:gateway.port` (or `--listen`) itself.
+
+use std::net::TcpListener;
+
+use crate::StartError;
+
+/// Takes the listening socket systemd passed (`LISTEN_PID`/`LISTEN_FDS`, the
+/// sd_listen_fds(3) protocol), or `None` when the process was not
+/// socket-activated. Exactly one TCP listening socket is expected.
+///
+/// Call it in `main` before any thread starts: it removes the two variables
+/// from the environment (so children do not take the socket for theirs), and
+/// changing the environment is not thread-safe.
+pub fn from_systemd() -> Result<Option<TcpListener>, StartError> {
+    let mut fds = listenfd::ListenFd::from_env();
+    match fds.len() {
+        0 => Ok(None),
+        1 => {
+            let listener = fds
+                .take_tcp_listener(0)
+                .map_err(|source| StartError::Io {
+                    context: "the socket systemd passed (LISTEN_FDS) is not a TCP listening socket: check citadel-gateway.socket".into(),
+                    source,
+                })?
+                .ok_or_else(|| StartError::Config("the socket systemd passed (LISTEN_FDS) was already taken".into()))?;
+            Ok(Some(listener))
+        }
+        n => Err(StartError::Config(format!(
+            "systemd passed {n} sockets (LISTEN_FDS={n}); the gateway takes exactly one: give citadel-gateway.socket a single ListenStream="
+        ))),
+    }
+}
