@@ -72,7 +72,13 @@ pub fn analyze(settings: &Settings, rendered: &Rendered, bin_dir: &Path) -> Resu
     let verify_ok = out.status.success() && verify_output.trim().is_empty();
 
     let mut exposures = Vec::new();
-    for unit in rendered.verify.iter().filter(|u| u.ends_with(".service")) {
+    // citadel-netns.service runs only `ip netns` as root (it must mount in the
+    // host's mount namespace); the exposure targets are for Citadel's services.
+    for unit in rendered
+        .verify
+        .iter()
+        .filter(|u| u.ends_with(".service") && *u != citadel_config::unit_names::NETNS)
+    {
         let out = Command::new(&tool)
             .args(["security", "--offline=true", "--no-pager"])
             .arg(&root_arg)

@@ -177,17 +177,24 @@ async fn health_once(settings: &Settings) -> Result<Health> {
         .filter(|(code, _)| *code == 200)
         .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok());
     let mut models = Vec::new();
+    let isolated = settings.engine_network().is_isolated();
     for m in &settings.models {
         let st = systemd.unit_state(&m.unit_name()).await?;
-        let probe = match http_get(
-            SocketAddr::from(([127, 0, 0, 1], m.port.get())),
-            &m.health_path,
-        )
-        .await
-        {
-            Ok((200, _)) => "ok".to_owned(),
-            Ok((code, _)) => format!("http {code}"),
-            Err(e) => format!("unreachable ({e})"),
+        let probe = if isolated {
+            // Issue 12, item 1: the engine is reachable only inside Citadel's
+            // network namespace; see it through the gateway and the supervisor.
+            isolated_engine_probe(gw_models.as_ref(), m, &st.active_state)
+        } else {
+            match http_get(
+                SocketAddr::from(([127, 0, 0, 1], m.port.get())),
+                &m.health_path,
+            )
+            .await
+            {
+                Ok((200, _)) => "ok".to_owned(),
+                Ok((code, _)) => format!("http {code}"),
+                Err(e) => format!("unreachable ({e})"),
+            }
         };
         let gateway_state = gw_models
             .as_ref()
@@ -228,6 +235,33 @@ async fn health_once(settings: &Settings) -> Result<Health> {
         loading: states.iter().filter(|s| **s == "loading").count(),
         models,
     })
+}
+
+/// The engine's health where the host cannot reach it (issue 12, item 1: it
+/// listens in Citadel's private network namespace). `ok` when the gateway's
+/// probe of the model's own backend (`/health/models`) passed; the gateway's
+/// state and error when its probe failed; otherwise (not probed yet, or the
+/// gateway does not answer) what the supervisor says: an `active` unit has
+/// sent READY=1 after a real completion and keeps the watchdog fed only while
+/// the engine is healthy.
+fn isolated_engine_probe(
+    gw_models: Option<&serde_json::Value>,
+    m: &citadel_config::Model,
+    active_state: &str,
+) -> String {
+    let backend = gw_models
+        .and_then(|v| v["models"].as_array())
+        .and_then(|ms| ms.iter().find(|x| x["name"] == m.name.as_str()))
+        .and_then(|x| x["backends"].as_array())
+        .and_then(|bs| bs.iter().find(|b| b["url"] == m.local_url().as_str()));
+    let state = backend.and_then(|b| b["state"].as_str());
+    let error = backend.and_then(|b| b["last_error"].as_str());
+    match (state, error) {
+        (Some("ready"), _) => "ok".to_owned(),
+        (Some(state), Some(error)) => format!("{state} through the gateway ({error})"),
+        _ if active_state == "active" => "ok".to_owned(),
+        _ => format!("{active_state} (the engine is reachable only through the gateway)"),
+    }
 }
 
 /// Where to reach the gateway from this host.
@@ -447,13 +481,30 @@ async fn http_get_with(
     timeout: Duration,
     max_body: usize,
 ) -> Result<(u16, String), HttpError> {
+    http_get_as(addr, path, None, timeout, max_body).await
+}
+
+/// [`http_get_with`] with `Authorization: Bearer KEY` when `bearer` is given
+/// (`top` reads `/metrics`, which needs a key beyond loopback). A key that
+/// cannot be a header value is refused like a bad path, never echoed.
+pub(crate) async fn http_get_as(
+    addr: SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<(u16, String), HttpError> {
     use http_body_util::{BodyExt, Empty, Limited};
 
-    let request = hyper::Request::builder()
+    let mut request = hyper::Request::builder()
         .method(hyper::Method::GET)
         .uri(path)
         .header(hyper::header::HOST, addr.to_string())
-        .header(hyper::header::CONNECTION, "close")
+        .header(hyper::header::CONNECTION, "close");
+    if let Some(key) = bearer {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    let request = request
         .body(Empty::<bytes::Bytes>::new())
         .map_err(|_| HttpError::BadPath(path.escape_debug().to_string()))?;
     let exchange = async {
