@@ -143,6 +143,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Health { json, watch } => {
             with_settings(&ctx, |s| block_on(observe::health(s, json, watch)))
         }
+        Command::Top { interval, once } => with_settings(&ctx, |s| {
+            block_on(crate::top::top(
+                s,
+                &crate::top::TopOptions { interval, once },
+            ))
+        }),
         Command::Logs {
             services,
             follow,

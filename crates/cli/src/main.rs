@@ -26,6 +26,7 @@ mod observe;
 mod owned;
 mod services;
 mod systemd;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -126,6 +127,16 @@ enum Command {
         lines: Option<u32>,
         #[arg(long)]
         json: bool,
+    },
+    /// A live view per model: state, requests/s, tokens/s, time to first token p50/p95,
+    /// in flight, memory / max, restarts; plain lines every interval when not on a terminal
+    Top {
+        /// Time between refreshes (`1s`, `500ms`, `5s`; 100ms to 1h)
+        #[arg(long, default_value = "1s", value_name = "SPAN", value_parser = top::parse_interval)]
+        interval: std::time::Duration,
+        /// Print one plain table (rates measured over one interval) and exit
+        #[arg(long)]
+        once: bool,
     },
     /// Log a critical, structured journal entry about a failed unit (used by OnFailure=)
     #[command(hide = true)]
