@@ -471,12 +471,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
             match tier.show(&u, "ActiveState").as_str() {
                 "activating" => {
                     activating_seen = true;
-                    let (code, _, _) = tier.http(
-                        "GET",
-                        &format!("http://127.0.0.1:{MODEL_PORT}/health"),
-                        None,
-                        None,
-                    );
+                    let (code, _, _) = tier.engine_http("GET", MODEL_PORT, "/health", None);
                     if health_while_activating.last() != Some(&code) {
                         health_while_activating.push(code);
                     }
@@ -639,12 +634,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
         code == 200 && up && served,
         format!("http {code}, backend_up {up}, requests {served}"),
     );
-    let (code, em, _) = tier.http(
-        "GET",
-        &format!("http://127.0.0.1:{MODEL_PORT}/metrics"),
-        None,
-        None,
-    );
+    let (code, em, _) = tier.engine_http("GET", MODEL_PORT, "/metrics", None);
     let series: std::collections::BTreeSet<&str> = em
         .lines()
         .filter(|l| l.starts_with("llamacpp:"))

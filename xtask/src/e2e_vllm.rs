@@ -300,12 +300,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
                         tr.statuses.push(status);
                     }
                     if !tr.health_ok_while_activating {
-                        let (code, _, _) = tier.http(
-                            "GET",
-                            &format!("http://127.0.0.1:{port}/health"),
-                            None,
-                            None,
-                        );
+                        let (code, _, _) = tier.engine_http("GET", *port, "/health", None);
                         tr.health_ok_while_activating = code == 200;
                     }
                 }
@@ -482,12 +477,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
             code == 200 && up && served,
             format!("http {code}, backend_up {up}, requests {served}"),
         );
-        let (code, em, _) = tier.http(
-            "GET",
-            &format!("http://127.0.0.1:{port}/metrics"),
-            None,
-            None,
-        );
+        let (code, em, _) = tier.engine_http("GET", port, "/metrics", None);
         let series = em
             .lines()
             .filter(|l| l.starts_with("vllm:"))

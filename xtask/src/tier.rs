@@ -102,6 +102,9 @@ pub fn info(what: &str, detail: impl Display) {
     println!("INFO {what}: {detail}");
 }
 
+/// Citadel's network namespace, where the engines listen (issue 12, item 1).
+const ENGINE_NETNS: &str = "/run/netns/citadel";
+
 pub fn unit(model: &str) -> String {
     format!("citadel-model@{model}.service")
 }
@@ -163,7 +166,38 @@ impl Tier {
         key: Option<&str>,
         body: Option<&str>,
     ) -> (u16, String, f64) {
-        let mut argv = vec![
+        self.curl(&[], method, url, key, body)
+    }
+
+    /// curl inside, straight to an engine on `127.0.0.1:port` (no gateway).
+    /// Engines listen in Citadel's network namespace (issue 12, item 1), which
+    /// the host's network cannot reach: curl runs in it when it exists.
+    pub fn engine_http(
+        &self,
+        method: &str,
+        port: u16,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, String, f64) {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        if self.exec(&["test", "-e", ENGINE_NETNS]).0 {
+            let net = format!("--net={ENGINE_NETNS}");
+            self.curl(&["nsenter", &net, "--"], method, &url, None, body)
+        } else {
+            self.curl(&[], method, &url, None, body)
+        }
+    }
+
+    fn curl(
+        &self,
+        prefix: &[&str],
+        method: &str,
+        url: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String, f64) {
+        let mut argv = prefix.to_vec();
+        argv.extend([
             "curl",
             "-s",
             "-N",
@@ -175,7 +209,7 @@ impl Tier {
             "\n%{http_code} %{time_total}",
             "-X",
             method,
-        ];
+        ]);
         let auth;
         if let Some(k) = key {
             auth = format!("Authorization: Bearer {k}");
@@ -206,12 +240,7 @@ impl Tier {
     /// A completion straight against an engine (no gateway).
     pub fn engine_completion(&self, model: &str, port: u16) -> (u16, String, f64) {
         let body = format!(r#"{{"model":"{model}","prompt":"hello","max_tokens":4}}"#);
-        self.http(
-            "POST",
-            &format!("http://127.0.0.1:{port}/v1/completions"),
-            None,
-            Some(&body),
-        )
+        self.engine_http("POST", port, "/v1/completions", Some(&body))
     }
 
     pub fn pgrep(&self, pattern: &str) -> Vec<u32> {
