@@ -42,9 +42,61 @@ impl KeySource {
     }
 }
 
-/// Reads API keys: one per line, `#` comments and blank lines ignored.
-/// Errors never include file contents.
-pub fn read_keys(path: &Path, host_file: &Path) -> Result<Vec<Vec<u8>>, StartError> {
+/// One API key and its name (the `key` label of
+/// `citadel_gateway_key_requests_total`). `Debug` never shows the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub secret: Vec<u8>,
+    pub name: String,
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKey({})", self.name)
+    }
+}
+
+/// The longest key name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// `[A-Za-z0-9][A-Za-z0-9_.-]*`, at most [`MAX_NAME_LEN`] characters.
+fn valid_name(s: &str) -> bool {
+    s.len() <= MAX_NAME_LEN
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// Splits a key line into its name and key: `NAME: KEY` (a colon, then
+/// blanks) names the key; a line without `:` followed by a blank is a key
+/// alone (the format before names, still read the same). `Err` when the
+/// text before such a colon is not a valid name.
+fn split_named(line: &str) -> Result<(Option<&str>, &str), ()> {
+    let colon = line
+        .char_indices()
+        .find(|&(i, c)| c == ':' && line[i + 1..].starts_with([' ', '\t']));
+    match colon {
+        None => Ok((None, line)),
+        Some((i, _)) => {
+            let name = line[..i].trim();
+            if valid_name(name)
+                && !matches!(
+                    name,
+                    crate::metrics::KEY_NONE | crate::metrics::KEY_UNAUTHENTICATED
+                )
+            {
+                Ok((Some(name), line[i + 1..].trim()))
+            } else {
+                Err(())
+            }
+        }
+    }
+}
+
+/// Reads API keys: one per line, `KEY` or `NAME: KEY`, `#` comments and
+/// blank lines ignored. A key without a name is named `key-LINE`. Errors
+/// never include file contents.
+pub fn read_keys(path: &Path, host_file: &Path) -> Result<Vec<ApiKey>, StartError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         StartError::Config(format!(
             "cannot read API keys from {} (credential `{}`, host file {}): {e}",
@@ -53,18 +105,37 @@ pub fn read_keys(path: &Path, host_file: &Path) -> Result<Vec<Vec<u8>>, StartErr
             host_file.display()
         ))
     })?;
-    let mut keys: Vec<Vec<u8>> = Vec::new();
+    let mut keys: Vec<ApiKey> = Vec::new();
     let mut short = Vec::new();
+    let mut bad_names = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let l = line.trim();
         if l.is_empty() || l.starts_with('#') {
             continue;
         }
-        let len = l.chars().count();
+        let Ok((name, key)) = split_named(l) else {
+            bad_names.push(format!("line {}", n + 1));
+            continue;
+        };
+        let len = key.chars().count();
         if len < MIN_KEY_LEN {
             short.push(format!("line {}: {len} characters", n + 1));
         }
-        keys.push(l.as_bytes().to_vec());
+        keys.push(ApiKey {
+            secret: key.as_bytes().to_vec(),
+            name: name.map_or_else(|| format!("key-{}", n + 1), str::to_owned),
+        });
+    }
+    if !bad_names.is_empty() {
+        return Err(StartError::Config(format!(
+            "{} (credential `{}`, host file {}): invalid key names ({}): a named key is written \
+             `NAME: KEY`, NAME being 1 to {MAX_NAME_LEN} letters, digits, `_`, `.` or `-` (starting \
+             with a letter or digit; not `none` or `unauthenticated`)",
+            path.display(),
+            citadel_config::Gateway::API_KEYS_CREDENTIAL,
+            host_file.display(),
+            bad_names.join(", ")
+        )));
     }
     if !short.is_empty() {
         return Err(StartError::Config(format!(
@@ -90,6 +161,12 @@ pub fn read_keys(path: &Path, host_file: &Path) -> Result<Vec<Vec<u8>>, StartErr
     Ok(keys)
 }
 
+fn names(keys: &[ApiKey]) -> Vec<crate::metrics::Name> {
+    keys.iter()
+        .map(|k| crate::metrics::Name::new(&k.name))
+        .collect()
+}
+
 /// Constant-time equality: the time depends only on the lengths, never on
 /// where the contents differ.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -104,16 +181,19 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 pub struct Auth {
-    keys: Vec<Vec<u8>>,
+    keys: Vec<ApiKey>,
+    /// The keys' names as label values, by index.
+    names: Vec<crate::metrics::Name>,
     per_minute: u32,
     burst: u32,
     limiter: Arc<KeyLimiter>,
 }
 
 impl Auth {
-    pub fn new(keys: Vec<Vec<u8>>, per_minute: u32, burst: u32) -> Auth {
+    pub fn new(keys: Vec<ApiKey>, per_minute: u32, burst: u32) -> Auth {
         Auth {
             limiter: Arc::new(KeyLimiter::new(per_minute, burst)),
+            names: names(&keys),
             keys,
             per_minute,
             burst,
@@ -121,10 +201,11 @@ impl Auth {
     }
 
     /// Keeps the old limiter's state when keys and limits are unchanged (reload).
-    pub fn reloaded(old: Option<&Auth>, keys: Vec<Vec<u8>>, per_minute: u32, burst: u32) -> Auth {
+    pub fn reloaded(old: Option<&Auth>, keys: Vec<ApiKey>, per_minute: u32, burst: u32) -> Auth {
         match old {
             Some(o) if o.keys == keys && o.per_minute == per_minute && o.burst == burst => Auth {
                 limiter: o.limiter.clone(),
+                names: names(&keys),
                 keys,
                 per_minute,
                 burst,
@@ -146,11 +227,16 @@ impl Auth {
         // Compare against every key (no early exit) so timing reveals nothing.
         let mut found = None;
         for (i, k) in self.keys.iter().enumerate() {
-            if ct_eq(k, token) {
+            if ct_eq(&k.secret, token) {
                 found = Some(i);
             }
         }
         found.ok_or(GatewayError::BadKey)
+    }
+
+    /// The name of key `idx` (as a label value).
+    pub fn name(&self, idx: usize) -> Option<&crate::metrics::Name> {
+        self.names.get(idx)
     }
 
     /// Counts one request against key `idx`'s rate limit.
@@ -183,7 +269,11 @@ mod tests {
 
     #[test]
     fn auth_and_limit() {
-        let a = Auth::new(vec![b"k1".to_vec(), b"k2".to_vec()], 2, 2);
+        let key = |k: &str| ApiKey {
+            secret: k.as_bytes().to_vec(),
+            name: k.to_owned(),
+        };
+        let a = Auth::new(vec![key("k1"), key("k2")], 2, 2);
         assert!(matches!(a.check(None), Err(GatewayError::MissingKey)));
         assert!(matches!(
             a.check(Some(b"Bearer nope")),
@@ -240,5 +330,67 @@ mod issue12 {
         );
         let (_d, p) = keys_file(&format!("{good}\n{}\n", "b".repeat(40)));
         assert_eq!(read_keys(&p, Path::new("x")).unwrap().len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod issue14 {
+    use super::*;
+
+    /// Issue 14, item 1: keys get optional names (`NAME: KEY`) for the
+    /// per-key metrics; a file without names reads as before, each key named
+    /// `key-LINE`; a bad name is refused naming its line, never the key.
+    #[test]
+    fn issue14_key_names_are_optional_and_backward_compatible() {
+        let k = |c: char| c.to_string().repeat(MIN_KEY_LEN);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("api-keys");
+        let colon_key = format!("{}:{}", k('c'), k('d'));
+        std::fs::write(
+            &p,
+            format!(
+                "# keys\n{}\nalice: {}\n\n  bob.ci-2:\t{}  \n{colon_key}\n",
+                k('a'),
+                k('b'),
+                k('e')
+            ),
+        )
+        .unwrap();
+        let keys = read_keys(&p, Path::new("x")).unwrap();
+        let got: Vec<(String, String)> = keys
+            .iter()
+            .map(|k| (k.name.clone(), String::from_utf8(k.secret.clone()).unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("key-2".to_owned(), k('a')),
+                ("alice".to_owned(), k('b')),
+                ("bob.ci-2".to_owned(), k('e')),
+                ("key-6".to_owned(), colon_key),
+            ]
+        );
+        // Debug never shows a key.
+        assert_eq!(format!("{:?}", keys[1]), "ApiKey(alice)");
+        let auth = Auth::new(keys, 10, 10);
+        let idx = auth
+            .verify(Some(format!("Bearer {}", k('b')).as_bytes()))
+            .unwrap();
+        assert_eq!(auth.name(idx).unwrap().as_str(), "alice");
+
+        for bad in [
+            format!("a b: {}", k('s')),
+            format!("none: {}", k('s')),
+            format!("-x: {}", k('s')),
+        ] {
+            std::fs::write(&p, format!("{}\n{bad}\n", k('a'))).unwrap();
+            let msg = read_keys(&p, Path::new("x")).unwrap_err().to_string();
+            assert!(msg.contains("invalid key names (line 2)"), "{msg}");
+            assert!(!msg.contains(&k('s')) && !msg.contains(&k('a')), "{msg}");
+        }
+        // A short key behind a name is still refused.
+        std::fs::write(&p, "carol: short\n").unwrap();
+        let msg = read_keys(&p, Path::new("x")).unwrap_err().to_string();
+        assert!(msg.contains("line 1: 5 characters"), "{msg}");
     }
 }

@@ -182,6 +182,48 @@ fn scan_u64(data: &[u8], key: &[u8]) -> Option<u64> {
     std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
+/// Whether a chunk of an SSE stream carries generated output: a non-empty
+/// `"content"`, `"reasoning_content"` or `"text"` string, or a non-empty
+/// `"tool_calls"` list (OpenAI's chat and completion chunks). The role
+/// chunk, the final one (`"content":""` and a finish reason), the usage chunk
+/// (`"choices":[]`) and `[DONE]` carry none. Text inside a JSON string cannot
+/// match (its quotes are escaped). Never panics.
+pub fn scan_content(data: &[u8]) -> bool {
+    let after = |key: &[u8], ok: &dyn Fn(&[u8]) -> bool| {
+        let mut from = 0;
+        while let Some(p) = find_from(data, from, key) {
+            let rest = &data[p + key.len()..];
+            let rest = &rest[rest.iter().take_while(|b| **b == b' ').count()..];
+            if ok(rest) {
+                return true;
+            }
+            from = p + 1;
+        }
+        false
+    };
+    let non_empty_string =
+        |r: &[u8]| r.first() == Some(&b'"') && r.get(1).is_some_and(|c| *c != b'"');
+    let non_empty_list = |r: &[u8]| {
+        r.first() == Some(&b'[')
+            && r[1..]
+                .iter()
+                .find(|b| **b != b' ')
+                .is_some_and(|c| *c != b']')
+    };
+    after(b"\"content\":", &non_empty_string)
+        || after(b"\"text\":", &non_empty_string)
+        || after(b"\"reasoning_content\":", &non_empty_string)
+        || after(b"\"tool_calls\":", &non_empty_list)
+}
+
+/// The first `needle` in `hay` at or after `from`.
+fn find_from(hay: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
+    let hay = hay.get(from..)?;
+    hay.windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + from)
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     if hay.len() < needle.len() {
         return None;
@@ -317,6 +359,73 @@ mod tests {
             let chunk = sse(&events);
             prop_assert_eq!(super::scan_usage(&chunk), reference_usage(&chunk));
         }
+    }
+
+    /// The reference for [`super::scan_content`]: some choice has a non-empty
+    /// delta content (chat) or text (completions).
+    fn reference_content(chunk: &[u8]) -> bool {
+        String::from_utf8_lossy(chunk)
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+            .any(|v| {
+                v["choices"].as_array().is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c["delta"]["content"]
+                            .as_str()
+                            .is_some_and(|s| !s.is_empty())
+                            || c["text"].as_str().is_some_and(|s| !s.is_empty())
+                    })
+                })
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Issue 14, item 1 (time to first token, inter-token latency): the
+        /// content scanner never panics ...
+        #[test]
+        fn issue14_scan_content_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = super::scan_content(&bytes);
+        }
+
+        /// ... and sees generated output exactly where serde_json does, also
+        /// when the text itself looks like JSON.
+        #[test]
+        fn issue14_scan_content_agrees_with_serde_json(
+            events in prop::collection::vec(
+                (
+                    prop_oneof![Just(String::new()), any::<String>(), Just("\"content\":\"x\"".to_owned())],
+                    prop::option::of((any::<u64>(), any::<u64>(), any::<u64>())),
+                ),
+                0..4,
+            )
+        ) {
+            let chunk = sse(&events);
+            prop_assert_eq!(super::scan_content(&chunk), reference_content(&chunk));
+        }
+    }
+
+    #[test]
+    fn content_chunks() {
+        use super::scan_content;
+        assert!(!scan_content(
+            br#"data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#
+        ));
+        assert!(scan_content(
+            br#"data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#
+        ));
+        assert!(scan_content(
+            br#"data: {"choices":[{"index":0,"text": " a","logprobs":null}]}"#
+        ));
+        assert!(!scan_content(
+            br#"data: {"choices":[],"usage":{"total_tokens":3}}"#
+        ));
+        assert!(scan_content(
+            br#"data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}"#
+        ));
+        assert!(!scan_content(b"data: [DONE]\n\n"));
     }
 
     #[test]

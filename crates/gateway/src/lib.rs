@@ -18,13 +18,16 @@
 
 mod auth;
 mod body;
+mod engines;
 mod error;
+mod expo;
 pub mod listen;
 mod metrics;
 mod proxy;
 mod ratelimit;
 mod reqlog;
 mod routes;
+mod sysinfo;
 mod throttle;
 
 use std::net::SocketAddr;

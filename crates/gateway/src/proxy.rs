@@ -12,9 +12,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use crate::body::{scan_usage, GwBody};
+use crate::body::{scan_content, scan_usage, GwBody};
 use crate::error::GatewayError;
-use crate::metrics::{ModelLabel, ModelStatus};
+use crate::expo::Format;
+use crate::metrics::{KeyLabel, ModelMetrics, ModelStatus, Name};
 use crate::reqlog::{outcome, RequestEvent, Usage};
 use crate::routes::{Backend, Health, ModelRoute, Table};
 use crate::throttle::Verdict;
@@ -71,10 +72,17 @@ pub fn err_chain(e: &(dyn std::error::Error + 'static)) -> String {
 pub struct Finish {
     shared: Arc<Shared>,
     backend: Arc<Backend>,
-    model: String,
+    /// The model's metric handles (and its name).
+    model: Arc<ModelMetrics>,
+    /// The API key's name (`key` label).
+    key: Name,
     method: Method,
     path: &'static str,
     stream: bool,
+    /// A stream answered as SSE: its chunks are timed (TTFT, ITL).
+    timed: bool,
+    /// When the last chunk with content passed (`None`: none yet).
+    last_content: Option<Instant>,
     status: u16,
     t0: Instant,
     request_id: HeaderValue,
@@ -85,6 +93,20 @@ pub struct Finish {
 
 impl Finish {
     pub fn saw_data(&mut self, data: &Bytes) {
+        if self.timed && scan_content(data) {
+            let now = Instant::now();
+            match self.last_content {
+                None => self
+                    .model
+                    .ttft
+                    .observe(now.duration_since(self.t0).as_secs_f64()),
+                Some(prev) => self
+                    .model
+                    .itl
+                    .observe(now.duration_since(prev).as_secs_f64()),
+            }
+            self.last_content = Some(now);
+        }
         if let Some(u) = scan_usage(data) {
             self.usage = u;
         }
@@ -94,23 +116,19 @@ impl Finish {
     pub fn upstream_aborted(&mut self) {
         if self.outcome != outcome::UPSTREAM_ABORTED {
             self.outcome = outcome::UPSTREAM_ABORTED;
-            self.shared
-                .metrics
-                .upstream_aborted
-                .get_or_create(&model_label(&self.model))
-                .inc();
+            self.model.upstream_aborted.inc();
             tracing::warn!(
                 request_id = self.request_id.to_str().unwrap_or("-"),
-                model = %self.model,
+                model = self.model(),
                 backend = %self.backend.base,
                 "the engine broke off the response of model {} before its end",
-                self.model
+                self.model()
             );
         }
     }
     /// The model's name.
     pub fn model(&self) -> &str {
-        &self.model
+        self.model.name.as_str()
     }
     /// The whole body was handed on.
     pub fn complete(&mut self) {
@@ -123,18 +141,23 @@ impl Finish {
 impl Drop for Finish {
     fn drop(&mut self) {
         self.backend.in_flight.fetch_sub(1, Relaxed);
-        self.shared
-            .metrics
-            .in_flight
-            .get_or_create(&model_label(&self.model))
-            .dec();
+        self.model.in_flight.dec();
+        if let Some(n) = self.usage.prompt {
+            self.model.prompt_tokens.inc_by(n);
+        }
+        if let Some(n) = self.usage.completion {
+            self.model.completion_tokens.inc_by(n);
+        }
         account(
             &self.shared,
+            &self.model.name,
+            &self.model.latency,
+            &self.key,
             RequestEvent {
                 method: self.method.as_str(),
                 path: self.path,
                 request_id: self.request_id.to_str().unwrap_or("-"),
-                model: &self.model,
+                model: self.model.name.as_str(),
                 stream: Some(self.stream),
                 status: self.status,
                 elapsed: self.t0.elapsed(),
@@ -146,24 +169,30 @@ impl Drop for Finish {
     }
 }
 
-fn model_label(model: &str) -> ModelLabel {
-    ModelLabel {
-        model: model.to_owned(),
-    }
-}
-
-/// Metrics and the one journal entry per API request.
-fn account(shared: &Shared, ev: RequestEvent<'_>) {
+/// Metrics and the one journal entry per API request: `model` and `key`
+/// are the label values (the journal's model is in `ev`).
+fn account(
+    shared: &Shared,
+    model: &Name,
+    latency: &prometheus_client::metrics::histogram::Histogram,
+    key: &Name,
+    ev: RequestEvent<'_>,
+) {
     let m = &shared.metrics;
     m.requests
         .get_or_create(&ModelStatus {
-            model: ev.model.to_owned(),
+            model: model.clone(),
             status: ev.status,
         })
         .inc();
-    m.latency
-        .get_or_create(&model_label(ev.model))
-        .observe(ev.elapsed.as_secs_f64());
+    m.key_requests
+        .get_or_create(&KeyLabel {
+            key: key.clone(),
+            model: model.clone(),
+            status: ev.status,
+        })
+        .inc();
+    latency.observe(ev.elapsed.as_secs_f64());
     ev.emit();
 }
 
@@ -259,15 +288,29 @@ pub async fn handle(
     } else {
         match dispatch(&shared, &table, peer, req, t0, &rid).await {
             Ok(r) => r,
-            Err((model, e)) => {
+            Err(Failed {
+                model,
+                unknown,
+                key,
+                err: e,
+            }) => {
                 if let Some((method, path)) = &api {
+                    let m = &shared.metrics;
+                    let label = match (&model, unknown) {
+                        (Some(name), _) => name,
+                        (None, true) => &m.unknown_model,
+                        (None, false) => &m.no_model,
+                    };
                     account(
                         &shared,
+                        label,
+                        &m.latency_of(label),
+                        &key,
                         RequestEvent {
                             method: method.as_str(),
                             path,
                             request_id: rid.to_str().unwrap_or("-"),
-                            model: &model,
+                            model: model.as_ref().map_or("", Name::as_str),
                             stream: None,
                             status: e.status().as_u16(),
                             elapsed: t0.elapsed(),
@@ -288,7 +331,45 @@ pub async fn handle(
     Ok(resp)
 }
 
-type Failed = (String, GatewayError);
+/// A refused or failed API request: the error and its labels.
+struct Failed {
+    /// The model the request was routed to (a configured name).
+    model: Option<Name>,
+    /// The request named a model the gateway does not serve (`model="unknown"`).
+    unknown: bool,
+    /// The API key's name, or `none`/`unauthenticated`.
+    key: Name,
+    err: GatewayError,
+}
+
+impl Failed {
+    fn new(key: &Name, err: GatewayError) -> Failed {
+        Failed {
+            model: None,
+            unknown: false,
+            key: key.clone(),
+            err,
+        }
+    }
+    fn of_model(model: &Name, key: &Name, err: GatewayError) -> Failed {
+        Failed {
+            model: Some(model.clone()),
+            unknown: false,
+            key: key.clone(),
+            err,
+        }
+    }
+}
+
+/// A metrics exposition in the negotiated format.
+fn exposition(format: Format, body: String) -> Response<GwBody> {
+    let mut r = Response::new(GwBody::full(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    r
+}
 
 /// The `Via` entries of Citadel gateways a request has passed through, and
 /// whether one of them is this gateway.
@@ -366,16 +447,23 @@ async fn dispatch(
     rid: &HeaderValue,
 ) -> Result<Response<GwBody>, Failed> {
     let path = req.uri().path();
-    let no_model = |e| (String::new(), e);
+    // The `key` label until a key is verified.
+    let mut key = if table.auth.is_some() {
+        &shared.metrics.key_unauthenticated
+    } else {
+        &shared.metrics.key_none
+    };
     // Issue 12, item 5: what the status endpoints tell (engine addresses,
     // states, errors) needs a key once the gateway listens beyond loopback.
     if matches!(
         (req.method(), path),
-        (&Method::GET, "/health/models") | (&Method::GET, "/metrics")
+        (&Method::GET, "/health/models")
+            | (&Method::GET, "/metrics")
+            | (&Method::GET, "/metrics/engines")
     ) && !shared.loopback_only
     {
         if let Some(auth) = &table.auth {
-            authenticate(shared, auth, peer, req.headers()).map_err(no_model)?;
+            authenticate(shared, auth, peer, req.headers()).map_err(|e| Failed::new(key, e))?;
         }
     }
     match (req.method(), path) {
@@ -405,14 +493,15 @@ async fn dispatch(
         }
         (&Method::GET, "/health/models") => return Ok(json(StatusCode::OK, models_health(table))),
         (&Method::GET, "/metrics") => {
-            let mut r = Response::new(GwBody::full(shared.metrics.encode()));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            return Ok(r);
+            // Issue 14, item 1: OpenMetrics when asked for, else the text format.
+            let format = Format::negotiate(req.headers().get(header::ACCEPT).map(|v| v.as_bytes()));
+            return Ok(exposition(format, shared.metrics.encode(table, format)));
+        }
+        (&Method::GET, "/metrics/engines") => {
+            // Issue 14, item 2: the engines' own metrics, labelled by model.
+            let format = Format::negotiate(req.headers().get(header::ACCEPT).map(|v| v.as_bytes()));
+            let all = crate::engines::scrape(shared, table).await;
+            return Ok(exposition(format, all.write(format)));
         }
         _ => {}
     }
@@ -424,26 +513,34 @@ async fn dispatch(
             | (&Method::POST, "/v1/embeddings")
     );
     if !api {
-        return Err(no_model(GatewayError::NotFound {
-            method: req.method().to_string(),
-            path: path.chars().take(200).collect(),
-        }));
+        return Err(Failed::new(
+            key,
+            GatewayError::NotFound {
+                method: req.method().to_string(),
+                path: path.chars().take(200).collect(),
+            },
+        ));
     }
     if shared.stopping.load(Relaxed) {
-        return Err(no_model(GatewayError::Draining));
+        return Err(Failed::new(key, GatewayError::Draining));
     }
-    check_loop(shared, req.headers()).map_err(no_model)?;
+    check_loop(shared, req.headers()).map_err(|e| Failed::new(key, e))?;
     if let Some(auth) = &table.auth {
-        let idx = authenticate(shared, auth, peer, req.headers()).map_err(no_model)?;
+        let idx =
+            authenticate(shared, auth, peer, req.headers()).map_err(|e| Failed::new(key, e))?;
+        if let Some(name) = auth.name(idx) {
+            key = name;
+        }
         if let Err(e) = auth.admit(idx) {
             shared.metrics.rate_limited.inc();
-            return Err(no_model(e));
+            return Err(Failed::new(key, e));
         }
     }
     if req.method() == Method::GET {
         return Ok(json(StatusCode::OK, models_list(table)));
     }
-    proxy(shared, table, req, t0, rid).await
+    let key = key.clone();
+    proxy(shared, table, req, t0, rid, key).await
 }
 
 async fn proxy(
@@ -452,8 +549,9 @@ async fn proxy(
     req: Request<Incoming>,
     t0: Instant,
     rid: &HeaderValue,
+    key: Name,
 ) -> Result<Response<GwBody>, Failed> {
-    let no_model = |e| (String::new(), e);
+    let no_model = |e| Failed::new(&key, e);
     let gw = &table.gateway;
     let limit = gw.max_body.bytes();
     if let Some(len) = req
@@ -480,11 +578,18 @@ async fn proxy(
     let (asked, stream) = (peeked.model, peeked.stream);
     let Some(route) = table.by_name.get(asked.as_str()) else {
         let shown: String = asked.chars().take(100).collect();
-        return Err(no_model(GatewayError::UnknownModel(shown)));
+        // Issue 14, item 1: counted under model="unknown", never the name
+        // the client sent (unbounded label values).
+        return Err(Failed {
+            unknown: true,
+            ..no_model(GatewayError::UnknownModel(shown))
+        });
     };
+    let metrics = route.metrics(&shared.metrics).clone();
+    let label = &metrics.name;
     let model = route.name.clone();
     let body = if asked != route.name {
-        rewrite_model(&bytes, &route.name).map_err(|e| (model.clone(), e))?
+        rewrite_model(&bytes, &route.name).map_err(|e| Failed::of_model(label, &key, e))?
     } else {
         bytes
     };
@@ -505,11 +610,7 @@ async fn proxy(
         .unwrap_or_else(|| "/".into());
 
     let mut tried: Vec<usize> = Vec::new();
-    shared
-        .metrics
-        .in_flight
-        .get_or_create(&model_label(&model))
-        .inc();
+    metrics.in_flight.inc();
     loop {
         let picked = if tried.len() < MAX_ATTEMPTS {
             route.pick(&tried)
@@ -517,17 +618,13 @@ async fn proxy(
             None
         };
         let Some((idx, backend)) = picked else {
-            shared
-                .metrics
-                .in_flight
-                .get_or_create(&model_label(&model))
-                .dec();
+            metrics.in_flight.dec();
             let err = if tried.is_empty() {
                 not_ready(route, gw)
             } else {
                 GatewayError::UpstreamFailed(model.clone())
             };
-            return Err((model, err));
+            return Err(Failed::of_model(label, &key, err));
         };
         tried.push(idx);
         let backend = backend.clone();
@@ -561,10 +658,13 @@ async fn proxy(
                 let finish = Finish {
                     shared: shared.clone(),
                     backend,
-                    model,
+                    model: metrics.clone(),
+                    key: key.clone(),
                     method: parts.method.clone(),
                     path,
                     stream,
+                    timed: stream && sse,
+                    last_content: None,
                     status: rparts.status.as_u16(),
                     t0,
                     request_id: rid.clone(),
@@ -583,26 +683,27 @@ async fn proxy(
                     // Nothing was sent: eject this replica and try another.
                     tracing::warn!(request_id = rid.to_str().unwrap_or("-"), model = %model, backend = %backend.base, error = %msg, "connection to backend failed; retrying on another replica");
                     backend.eject(&shared.metrics, msg);
+                    shared.metrics.observe_models(&shared.table());
                     shared.status_changed.notify_one();
                     shared.metrics.upstream_retries.inc();
                     continue;
                 }
                 tracing::warn!(request_id = rid.to_str().unwrap_or("-"), model = %model, backend = %backend.base, error = %msg, "backend request failed");
-                shared
-                    .metrics
-                    .in_flight
-                    .get_or_create(&model_label(&model))
-                    .dec();
-                return Err((model.clone(), GatewayError::UpstreamFailed(model)));
+                metrics.in_flight.dec();
+                return Err(Failed::of_model(
+                    label,
+                    &key,
+                    GatewayError::UpstreamFailed(model),
+                ));
             }
             Err(_) => {
                 backend.in_flight.fetch_sub(1, Relaxed);
-                shared
-                    .metrics
-                    .in_flight
-                    .get_or_create(&model_label(&model))
-                    .dec();
-                return Err((model.clone(), GatewayError::UpstreamTimeout(model)));
+                metrics.in_flight.dec();
+                return Err(Failed::of_model(
+                    label,
+                    &key,
+                    GatewayError::UpstreamTimeout(model),
+                ));
             }
         }
     }

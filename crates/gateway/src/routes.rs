@@ -3,13 +3,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
-use crate::metrics::{BackendLabel, Metrics};
+use crate::metrics::{BackendLabel, Metrics, ModelMetrics};
 use crate::Shared;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,9 +122,16 @@ pub struct ModelRoute {
     pub aliases: Vec<String>,
     pub backends: Vec<Arc<Backend>>,
     rr: AtomicUsize,
+    /// The model's metric handles, resolved at its first request.
+    metrics: OnceLock<Arc<ModelMetrics>>,
 }
 
 impl ModelRoute {
+    /// The model's metric handles (looked up once per routing table).
+    pub fn metrics(&self, m: &Metrics) -> &Arc<ModelMetrics> {
+        self.metrics.get_or_init(|| Arc::new(m.model(&self.name)))
+    }
+
     pub fn health(&self) -> Health {
         let mut best = Health::Down;
         for b in &self.backends {
@@ -243,6 +250,7 @@ impl Table {
                 aliases: m.aliases.clone(),
                 backends,
                 rr: AtomicUsize::new(0),
+                metrics: OnceLock::new(),
             });
             for a in &m.aliases {
                 by_name.entry(a.clone()).or_insert_with(|| route.clone());
@@ -331,6 +339,7 @@ pub fn spawn_prober(shared: Arc<Shared>, b: Arc<Backend>) {
                     Some(format!("health check timed out after {timeout:?}")),
                 ),
             }
+            shared.metrics.observe_models(&shared.table());
             shared.status_changed.notify_one();
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
