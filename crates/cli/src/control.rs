@@ -10,12 +10,33 @@ use citadel_config::{unit_names, Settings};
 use crate::services::{resolve, short_name};
 use crate::systemd::Systemd;
 
+// `start`/`restart` of the whole stack (issue 10, items 1 and 2).
+#[path = "start_stack.rs"]
+mod start_stack;
+pub use start_stack::Wait;
+
 /// Exit status when a unit did not reach the requested state.
 pub const EXIT_FAILED: u8 = 3;
 
 pub async fn jobs(settings: &Settings, verb: &str, names: &[String]) -> Result<ExitCode> {
+    jobs_with(settings, verb, names, Wait::default()).await
+}
+
+/// [`jobs`], with what `start`/`restart` of the whole stack wait for
+/// ([`Wait`]; `start --wait` is [`Wait::All`]).
+pub async fn jobs_with(
+    settings: &Settings,
+    verb: &str,
+    names: &[String],
+    wait: Wait,
+) -> Result<ExitCode> {
     let systemd = Systemd::connect().await?;
     let whole_stack = names.is_empty();
+    if whole_stack && matches!(verb, "start" | "restart") {
+        // The target pulls in the enabled models only; the command waits
+        // for the API, not for the slowest model.
+        return start_stack::run(settings, systemd, verb, wait).await;
+    }
     let mut units = resolve(settings, names)?;
     match verb {
         "reload" => {
@@ -26,16 +47,23 @@ pub async fn jobs(settings: &Settings, verb: &str, names: &[String]) -> Result<E
             }
             units.retain(|u| u == unit_names::GATEWAY);
         }
-        // Stopping the target first stops everything PartOf it in one transaction,
-        // so systemd orders it: the gateway stops before the models it is After=.
-        // Asking for each unit's stop afterwards returns those same jobs to wait for.
+        // Stopping the target first stops everything PartOf it in one
+        // transaction. The gateway is not ordered against the models (issue
+        // 10, item 1), so they stop in parallel and each drains what it has
+        // in flight (the gateway within its TimeoutStopSec, each engine
+        // within its stop_timeout). Asking for each unit's stop afterwards
+        // returns those same jobs to wait for.
         "stop" => {
+            // Issue 12, item 1: the gateway's socket would start it again on
+            // the next connection; a stopped gateway stops listening too.
+            if units.iter().any(|u| u == unit_names::GATEWAY) {
+                units.push(unit_names::GATEWAY_SOCKET.to_owned());
+            }
             units.sort_by_key(|u| u != unit_names::GATEWAY);
             if whole_stack {
                 units.insert(0, unit_names::TARGET.to_owned());
             }
         }
-        "start" | "restart" if whole_stack => units.push(unit_names::TARGET.to_owned()),
         _ => {}
     }
     if matches!(verb, "start" | "restart") {
@@ -165,6 +193,10 @@ pub async fn enable(settings: &Settings, names: &[String], on: bool) -> Result<E
     let mut units = resolve(settings, names)?;
     if names.is_empty() {
         units.push(unit_names::TARGET.to_owned());
+    }
+    if units.iter().any(|u| u == unit_names::GATEWAY) {
+        // The socket is enabled with its gateway (issue 12, item 1).
+        units.push(unit_names::GATEWAY_SOCKET.to_owned());
     }
     let changes = if on {
         systemd.enable(&units).await?
