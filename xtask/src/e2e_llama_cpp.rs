@@ -466,6 +466,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
     let mut ready_after = None;
     let mut completion_at_ready = None;
     let mut start_status = None;
+    let mut start_returned = None;
     loop {
         if ready_after.is_none() {
             match tier.show(&u, "ActiveState").as_str() {
@@ -484,18 +485,27 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
                 _ => {}
             }
         }
-        if start_status.is_some() {
+        // `start` returns once the API serves (issue 10, item 1), maybe
+        // with the model still loading: keep watching until it is active.
+        if start_status.is_some() && ready_after.is_some() {
             break;
         }
-        start_status = start.try_wait()?;
+        if start_status.is_none() {
+            start_status = start.try_wait()?;
+            if start_status.is_some() {
+                start_returned = Some(t_start.elapsed());
+            }
+        }
         if t_start.elapsed() > START_DEADLINE {
-            let _ = start.kill();
-            let _ = start.wait();
+            if start_status.is_none() {
+                let _ = start.kill();
+                let _ = start.wait();
+            }
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let start_secs = t_start.elapsed().as_secs_f64();
+    let start_secs = start_returned.unwrap_or(t_start.elapsed()).as_secs_f64();
     r.check(
         "citadel-systemd start",
         start_status.is_some_and(|s| s.success()),
@@ -533,6 +543,20 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
         "",
     ) {
         bail!("the stack did not start");
+    }
+    // The gateway admits each model at its next probe after READY=1 (it
+    // answered 503 model_not_ready right after start): the checks through it
+    // (and `health` expecting healthy) run once it lists every model.
+    let listed = tier.wait_listed(GATEWAY, &key, &[MODEL, SIM], Duration::from_secs(60));
+    if !r.check(
+        "the gateway lists every model in /v1/models",
+        listed.is_ok(),
+        match &listed {
+            Ok(d) => format!("{:.1} s after the units were active", d.as_secs_f64()),
+            Err(e) => e.clone(),
+        },
+    ) {
+        bail!("the gateway did not admit the models");
     }
 
     // --- serving through the gateway.

@@ -278,6 +278,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
         .context("spawning citadel-systemd start")?;
     let mut traces: Vec<StartTrace> = VLLM_MODELS.iter().map(|_| StartTrace::default()).collect();
     let mut start_status = None;
+    let mut start_returned = None;
     loop {
         let states = tier.show_many(&vllm_units, &["ActiveState", "StatusText"]);
         for (i, (model, port)) in VLLM_MODELS.iter().enumerate() {
@@ -318,21 +319,32 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
                 _ => {}
             }
         }
-        // `start` returns once every unit is active or has failed (a failed
-        // unit may already be `activating (auto-restart)` again): one more
-        // poll after it exited, then stop watching.
-        if start_status.is_some() {
+        // `start` returns once the API serves (issue 10, item 1), maybe
+        // with the vLLM models still loading: keep watching until each has
+        // become active or failed (a failed unit may already be `activating
+        // (auto-restart)` again), then stop.
+        let settled = traces
+            .iter()
+            .all(|t| t.ready_after.is_some() || t.failed.is_some());
+        if start_status.is_some() && settled {
             break;
         }
-        start_status = start.try_wait()?;
+        if start_status.is_none() {
+            start_status = start.try_wait()?;
+            if start_status.is_some() {
+                start_returned = Some(t_start.elapsed());
+            }
+        }
         if t_start.elapsed() > START_DEADLINE {
-            let _ = start.kill();
-            let _ = start.wait();
+            if start_status.is_none() {
+                let _ = start.kill();
+                let _ = start.wait();
+            }
             break;
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let start_secs = t_start.elapsed().as_secs_f64();
+    let start_secs = start_returned.unwrap_or(t_start.elapsed()).as_secs_f64();
     print!(
         "{}",
         std::fs::read_to_string(&start_out).unwrap_or_default()
@@ -399,6 +411,25 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
         && tier.show("citadel-gateway.service", "ActiveState") == "active";
     if !r.check("every unit active (2 vLLM, 2 sim, gateway)", all_active, "") {
         bail!("the stack did not start");
+    }
+    // The gateway admits each model at its next probe after READY=1: the
+    // checks through it (and `health` expecting healthy) run once it lists
+    // every model.
+    let all: Vec<&str> = VLLM_MODELS
+        .iter()
+        .chain(SIM_MODELS.iter())
+        .map(|(m, _)| *m)
+        .collect();
+    let listed = tier.wait_listed(GATEWAY, &key, &all, Duration::from_secs(60));
+    if !r.check(
+        "the gateway lists every model in /v1/models",
+        listed.is_ok(),
+        match &listed {
+            Ok(d) => format!("{:.1} s after the units were active", d.as_secs_f64()),
+            Err(e) => e.clone(),
+        },
+    ) {
+        bail!("the gateway did not admit the models");
     }
 
     // --- serving through the gateway.

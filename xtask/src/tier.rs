@@ -302,6 +302,60 @@ done"#;
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// The model ids the gateway at `gateway` lists in `/v1/models` (empty
+    /// when it does not answer 200).
+    pub fn listed_models(&self, gateway: &str, key: &str) -> Vec<String> {
+        let (code, body, _) = self.http("GET", &format!("{gateway}/v1/models"), Some(key), None);
+        if code != 200 {
+            return Vec::new();
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["data"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Issue 10, item 1: the gateway no longer starts after the models; it
+    /// admits each one at its first probe after the model's READY=1, and
+    /// lists in `/v1/models` only the models it serves (503 `model_not_ready`
+    /// for the others). Waits until it lists every one of `models`, for at
+    /// most `timeout`: the time it took, or what was still missing (and what
+    /// `/health/models` says about it).
+    pub fn wait_listed(
+        &self,
+        gateway: &str,
+        key: &str,
+        models: &[&str],
+        timeout: Duration,
+    ) -> std::result::Result<Duration, String> {
+        let missing = |listed: &[String]| -> Vec<String> {
+            models
+                .iter()
+                .filter(|m| !listed.iter().any(|l| l == *m))
+                .map(|m| (*m).to_owned())
+                .collect()
+        };
+        if let Some(took) = self.poll(timeout, || {
+            missing(&self.listed_models(gateway, key)).is_empty()
+        }) {
+            return Ok(took);
+        }
+        let listed = self.listed_models(gateway, key);
+        let (code, health, _) =
+            self.http("GET", &format!("{gateway}/health/models"), Some(key), None);
+        Err(format!(
+            "after {:.0} s the gateway lists {listed:?}, not {:?} (/health/models: http {code} {})",
+            timeout.as_secs_f64(),
+            missing(&listed),
+            health.chars().take(600).collect::<String>()
+        ))
+    }
+
     /// Polls `f` every 100 ms until it is true or `timeout` passes; the time it took.
     pub fn poll(&self, timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
         let t = Instant::now();
