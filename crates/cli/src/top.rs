@@ -567,27 +567,23 @@ struct MetricsSource {
     note: Option<String>,
 }
 
-/// The first API key of an `api-keys` file: the first line that is neither
-/// blank nor a comment, without a trailing ` # comment`; a `NAME=KEY` or
-/// `NAME: KEY` line gives KEY. Only keys that can be sent in a header.
+/// The first API key of an `api-keys` file that can be sent in a header,
+/// read the way the gateway reads the file: one key per line, `KEY` or
+/// `NAME: KEY` (a colon followed by a blank), `#` comments and blank lines
+/// ignored.
 pub fn first_api_key(text: &str) -> Option<String> {
-    let line = text
-        .lines()
+    text.lines()
         .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with('#'))?;
-    let line = line.split_once(" #").map_or(line, |(k, _)| k).trim();
-    let named = |sep: &str| {
-        line.split_once(sep).and_then(|(name, key)| {
-            let name_like = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-            let key = key.trim();
-            (name_like && key.len() >= 32).then_some(key)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let colon = l
+                .char_indices()
+                .find(|&(i, c)| c == ':' && l[i + 1..].starts_with([' ', '\t']));
+            // `i` indexes a one-byte `:`, so `i + 1` is a char boundary.
+            colon.map_or(l, |(i, _)| l[i + 1..].trim())
         })
-    };
-    let key = named(": ").or_else(|| named("=")).unwrap_or(line);
-    (!key.is_empty() && key.chars().all(|c| c.is_ascii_graphic())).then(|| key.to_owned())
+        .find(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_owned)
 }
 
 impl MetricsSource {
@@ -1095,14 +1091,15 @@ citadel_gateway_time_to_first_token_seconds_count{model="phi3"} 10
             first_api_key(&format!("# keys\n\n  {k}  \nother")),
             Some(k.clone())
         );
-        assert_eq!(first_api_key(&format!("{k} # ci")), Some(k.clone()));
-        assert_eq!(first_api_key(&format!("ci={k}")), Some(k.clone()));
-        assert_eq!(first_api_key(&format!("ci: {k}")), Some(k.clone()));
-        // A key that holds `=` (base64) is not a name.
-        let b64 = format!("{k}==");
-        assert_eq!(first_api_key(&b64), Some(b64.clone()));
+        // Named keys (issue 14, item 1): `NAME: KEY`.
+        assert_eq!(first_api_key(&format!("ci: {k}\nx")), Some(k.clone()));
+        assert_eq!(first_api_key(&format!("ci:\t{k}")), Some(k.clone()));
+        // A colon without a blank after it is part of the key.
+        let colons = format!("a:{k}:b");
+        assert_eq!(first_api_key(&colons), Some(colons.clone()));
+        // A key that cannot be a header value is skipped for the next one.
+        assert_eq!(first_api_key(&format!("bad\u{7}key\n{k}")), Some(k.clone()));
         assert_eq!(first_api_key("# only comments\n\n"), None);
-        assert_eq!(first_api_key("bad key\u{7}"), None);
     }
 
     #[test]
