@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need_apt=()
-for pkg in systemd-container systemd util-linux iproute2 python3 python3-venv python3-dev wrk ca-certificates curl gcc g++ cmake make; do
+for pkg in systemd-container systemd util-linux iproute2 python3 python3-venv python3-dev wrk ca-certificates curl gcc g++ cmake make tmux; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then

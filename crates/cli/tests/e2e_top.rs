@@ -104,6 +104,11 @@ struct Tmux<'a> {
 /// above zero, then types `keys` and checks that `top` ended and left the
 /// terminal as it found it.
 fn top_in_tmux(st: &Stack, session: &str, keys: &str) {
+    let has_tmux = st.sb.exec(&["sh", "-c", "command -v tmux"]).unwrap();
+    assert!(
+        has_tmux.status.success(),
+        "tmux is not installed: run scripts/setup-dev.sh (it installs tmux)"
+    );
     let cli = format!("{}/citadel-systemd", st.bin_dir);
     let script = format!(
         "{cli} top 2> /run/top-{session}.err; echo $? > /run/top-{session}.rc; stty -a > /run/top-{session}.stty; \
