@@ -17,6 +17,11 @@
 //! pipe ends the command with exit 0. `--once` prints one plain table (rates
 //! measured over one interval) and exits.
 //!
+//! Exit status: 0 on `q`, Ctrl-C, a closed stdout or after `--once`; 2 on
+//! an error (no systemd, no config); 143 and 129 on SIGTERM and SIGHUP (the
+//! terminal restored first). A gateway that does not answer is no error: its
+//! figures show as `-` with the reason above the table.
+//!
 //! Why plain ANSI and `rustix` rather than ratatui or crossterm: measured on
 //! the 2-core build machine, a fresh build of ratatui with only its crossterm
 //! backend took 40 s (`-j1`), crossterm alone 9 s, `rustix` with `termios`
