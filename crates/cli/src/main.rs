@@ -35,7 +35,12 @@ use clap::{Parser, Subcommand};
 
 /// Manage Citadel's LLM stack (models and API gateway) as systemd services.
 #[derive(Debug, Parser)]
-#[command(name = "citadel-systemd", version, about, max_term_width = 100)]
+#[command(
+    name = "citadel-systemd",
+    version = env!("CITADEL_VERSION"),
+    about,
+    max_term_width = 100
+)]
 pub struct Cli {
     /// The stack config [default: /opt/citadel/config/citadel.toml, below --root]
     #[arg(long, global = true, env = "CITADEL_CONFIG", value_name = "PATH")]

@@ -15,7 +15,7 @@ use clap::Parser;
 /// model: deterministic synthetic output). Simulator-only control endpoints:
 /// POST /sim/fault, GET /sim/stats.
 #[derive(Parser, Debug)]
-#[command(name = "citadel-engine-sim", version)]
+#[command(name = "citadel-engine-sim", version = env!("CITADEL_VERSION"))]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]

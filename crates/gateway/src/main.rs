@@ -17,7 +17,7 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(
     name = "citadel-gateway",
-    version,
+    version = env!("CITADEL_VERSION"),
     about = "OpenAI-compatible, health-aware API gateway"
 )]
 struct Cli {

@@ -26,7 +26,7 @@ use tracing::Instrument;
 #[derive(Parser, Debug)]
 #[command(
     name = "citadel-model",
-    version,
+    version = env!("CITADEL_VERSION"),
     about = "Runs one model's inference engine under systemd: readiness, watchdog, clean stop"
 )]
 struct Cli {
