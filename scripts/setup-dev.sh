@@ -28,6 +28,25 @@ if ! dpkg -s prometheus >/dev/null 2>&1; then
   fi
 fi
 
+# Debian's nginx: `cargo xtask bench-gateway` runs it as a plain proxy_pass
+# beside the gateway (issue 11, item 1). Its own service (port 80) is disabled.
+# linux-perf (Debian; Ubuntu: linux-tools-generic) profiles the gateway under load.
+if ! dpkg -s nginx >/dev/null 2>&1; then
+  echo "setup: installing nginx (for bench-gateway; its own service left disabled)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends nginx >/dev/null
+  systemctl disable nginx.service >/dev/null 2>&1 || true
+  if [ "$(ps -p 1 -o comm= 2>/dev/null)" = systemd ]; then
+    systemctl stop nginx.service >/dev/null 2>&1 || true
+  fi
+fi
+if ! command -v perf >/dev/null 2>&1 && apt-cache show linux-perf >/dev/null 2>&1; then
+  echo "setup: installing linux-perf (profiling)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends linux-perf >/dev/null || true
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     echo "setup: Rust is installed in ~/.cargo/bin; add it to PATH (source ~/.cargo/env)"
