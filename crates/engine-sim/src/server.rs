@@ -418,8 +418,13 @@ async fn generate_inner(
     let first_token = if max_tokens > 0 {
         let first = gen.due(shared, 0);
         let last = gen.due(shared, max_tokens - 1);
-        // A graceful stop lets this finish within the grace period.
-        tokio::time::sleep_until(last.into()).await;
+        // A graceful stop lets this finish within the grace period. Unpaced,
+        // the last token is already due: no timer (issue 11, item 2: tokio
+        // rounds a deadline up to its next 1 ms tick, so even a deadline in
+        // the past cost up to a millisecond per request).
+        if let Some(wait) = generation_wait(last, Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
         Some(first.max(start))
     } else {
         None
@@ -427,6 +432,13 @@ async fn generate_inner(
     let body = gen.full_json(&shared.models[model].json);
     gen.record_success(&run, first_token);
     respond(StatusCode::OK, JSON, body)
+}
+
+/// How long a non-streamed completion still has to wait at `now` for its last
+/// token, due at `last`; `None` when it is due already (no timer at all).
+fn generation_wait(last: Instant, now: Instant) -> Option<Duration> {
+    let wait = last.saturating_duration_since(now);
+    (!wait.is_zero()).then_some(wait)
 }
 
 #[derive(Deserialize)]
@@ -524,6 +536,19 @@ mod tests {
         assert_ne!(a, embed(&Value::from("world"), 8));
         let n: f32 = a.iter().map(|x| x * x).sum();
         assert!((n - 1.0).abs() < 1e-4);
+    }
+
+    /// Issue 11, item 2: a completion whose last token is due answers
+    /// without a timer; only a paced one waits, and exactly the rest.
+    #[test]
+    fn issue11_due_generation_needs_no_timer() {
+        let now = Instant::now();
+        assert_eq!(generation_wait(now, now), None);
+        assert_eq!(generation_wait(now - Duration::from_millis(3), now), None);
+        assert_eq!(
+            generation_wait(now + Duration::from_millis(5), now),
+            Some(Duration::from_millis(5))
+        );
     }
 
     #[test]
