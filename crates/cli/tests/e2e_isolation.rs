@@ -263,3 +263,55 @@ fn issue12_engines_are_reachable_only_through_the_gateway() {
         .status
         .success());
 }
+
+/// The documented fallback: a model with replicas keeps the stack on the
+/// host's network (a private namespace has no way to them), `validate` warns
+/// that engines are then reachable by any local user, and that is true; the
+/// gateway still gets its socket from systemd.
+#[test]
+fn issue12_replicas_keep_the_host_network_with_a_warning() {
+    let config = format!("{}replicas = [\"http://127.0.0.1:11499\"]\n", config());
+    let st = Stack::boot("e2e-isolation-host", &config);
+    let out = st.cli(&["validate", "--bin-dir", &st.bin_dir.clone()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("engines are not isolated from local users")
+            && err.contains("model `phi3` has replicas")
+            && err.contains("models.phi3.replicas"),
+        "{}",
+        stack::text(&out)
+    );
+    st.install();
+    st.cli_ok(&["start"]);
+    st.wait(
+        &format!("{MODEL} ready in the gateway"),
+        Duration::from_secs(60),
+        || st.gateway_state(MODEL) == "ready",
+    );
+    let key = st.api_key();
+    assert_eq!(
+        curl(
+            &st,
+            Some("nobody"),
+            false,
+            &format!("{GATEWAY}/v1/chat/completions"),
+            Some(&key)
+        )
+        .1,
+        200
+    );
+    // What the warning says: the engine is on the host's loopback.
+    assert_eq!(
+        curl(
+            &st,
+            Some("nobody"),
+            false,
+            &format!("{ENGINE}/health"),
+            None
+        )
+        .1,
+        200
+    );
+    assert_eq!(st.show("citadel-gateway.socket", "ActiveState"), "active");
+    assert_eq!(st.show("citadel-netns.service", "LoadState"), "not-found");
+}
