@@ -306,6 +306,18 @@ pub const REQUEST_TIMEOUT: SpanBounds = SpanBounds {
     max: secs(DAY),
     why: "the longest a request may take, generation included",
 };
+/// `first_byte_timeout`: 100ms to 1 day (until a streamed answer begins).
+pub const FIRST_BYTE_TIMEOUT: SpanBounds = SpanBounds {
+    min: millis(100),
+    max: secs(DAY),
+    why: "how long a streamed request waits for the engine to begin its answer; a long prompt's prefill can take seconds on a real engine",
+};
+/// `outlier_ejection`: 100ms to 1h (the first ejection of a failing backend).
+pub const OUTLIER_EJECTION: SpanBounds = SpanBounds {
+    min: millis(100),
+    max: secs(3600),
+    why: "a backend that keeps failing is left out this long, doubling each time; below 100ms it is never really out, above an hour a recovered replica idles",
+};
 /// `drain_timeout`: up to 1h (in-flight requests finish during a stop or reload).
 pub const DRAIN_TIMEOUT: SpanBounds = SpanBounds {
     min: millis(1),

@@ -213,10 +213,32 @@ pub struct Gateway {
     pub probe_interval: Timespan,
     pub drain_timeout: Timespan,
     pub watchdog: Timespan,
+    /// The listening socket's backlog (`listen(2)`, `Backlog=` of
+    /// `citadel-gateway.socket`): connections the kernel queues until the
+    /// gateway accepts them, during a burst or a restart (issue 11, item 3).
+    pub listen_backlog: u32,
+    /// How long a streamed request may wait for the engine's response head;
+    /// a non-streamed one waits up to `request_timeout` (engines answer it
+    /// only when generation ends). Either is cut short, and retried on
+    /// another backend, when its backend is found down (issue 11, item 4).
+    pub first_byte_timeout: Timespan,
+    /// Consecutive failures (5xx answers, timeouts, broken connections) that
+    /// eject a backend although its health check passes (issue 11, item 4).
+    pub outlier_failures: u32,
+    /// How long the first ejection lasts; each further one in a row doubles
+    /// it, up to [`Gateway::MAX_EJECTION`] (or this, when longer).
+    pub outlier_ejection: Timespan,
     pub limits: Limits,
 }
 
 impl Gateway {
+    /// `listen_backlog` when the config sets none: nginx's `listen ... backlog`
+    /// default is 511; Linux caps the value at `net.core.somaxconn` (4096).
+    pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
+    /// `outlier_failures` when the config sets none (Envoy's `consecutive_5xx`).
+    pub const DEFAULT_OUTLIER_FAILURES: u32 = 5;
+    /// The longest an ejection lasts, unless `outlier_ejection` is longer.
+    pub const MAX_EJECTION: Timespan = Timespan(std::time::Duration::from_secs(300));
     /// Name of the systemd credential holding the API keys.
     pub const API_KEYS_CREDENTIAL: &'static str = "api-keys";
     /// `rate_limit_burst` when the config sets none (at most

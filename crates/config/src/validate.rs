@@ -666,8 +666,41 @@ impl Validator {
                 Timespan::from_secs(30),
                 checks::WATCHDOG,
             ),
+            // Issue 11, items 3 and 4.
+            listen_backlog: self
+                .count("gateway.listen_backlog", &g.listen_backlog, 16, 65_535)
+                .unwrap_or(Gateway::DEFAULT_LISTEN_BACKLOG),
+            first_byte_timeout: self.timespan(
+                "gateway.first_byte_timeout",
+                &g.first_byte_timeout,
+                Timespan::from_secs(60),
+                checks::FIRST_BYTE_TIMEOUT,
+            ),
+            outlier_failures: self
+                .count("gateway.outlier_failures", &g.outlier_failures, 1, 1000)
+                .unwrap_or(Gateway::DEFAULT_OUTLIER_FAILURES),
+            outlier_ejection: self.timespan(
+                "gateway.outlier_ejection",
+                &g.outlier_ejection,
+                Timespan::from_secs(10),
+                checks::OUTLIER_EJECTION,
+            ),
             limits,
         };
+        if let (Some(raw), true) = (
+            &g.first_byte_timeout,
+            gw.first_byte_timeout > gw.request_timeout,
+        ) {
+            self.warn(
+                "gateway.first_byte_timeout",
+                span(raw),
+                format!(
+                    "first_byte_timeout ({}) is longer than request_timeout ({}): request_timeout ends the wait first",
+                    gw.first_byte_timeout, gw.request_timeout
+                ),
+                "make first_byte_timeout shorter than request_timeout, or leave it out (1min)",
+            );
+        }
         if !gw.listen.is_loopback() && !gw.auth {
             let at = g
                 .auth

@@ -131,7 +131,11 @@ pub(crate) fn gateway_socket(settings: &Settings) -> RenderedFile {
         .comment("connections made while the gateway restarts wait here instead of being refused.")
         .set("ListenStream", Token::new(addr))
         .set("NoDelay", "yes")
-        .set("Backlog", "4096");
+        .comment(
+            "Connections the kernel queues until the gateway accepts them (gateway.listen_backlog;",
+        )
+        .comment("Linux caps it at net.core.somaxconn): a burst or a restart overflows no queue.")
+        .set("Backlog", Token::new(g.listen_backlog.to_string()));
     w.section("Install").set("WantedBy", unit_names::TARGET);
     RenderedFile {
         path: PathBuf::from(unit_names::GATEWAY_SOCKET),
