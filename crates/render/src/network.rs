@@ -11,7 +11,10 @@
 //! namespace of a unit it names only while that unit runs, so a model started
 //! while the gateway is stopped would get a namespace of its own, which the
 //! gateway, started later, would not share; and both units would share their
-//! `/tmp` too. A named namespace outlives single units: the gateway restarting
+//! `/tmp` too. (Measured in the booted sandbox, systemd 252, with `b`
+//! `JoinsNamespaceOf=a`, both `PrivateNetwork=yes`: `b` started before `a`
+//! gets a namespace of its own and `a` another, and restarting `a` does not
+//! bring them together; `a` before `b` shares one.) A named namespace outlives single units: the gateway restarting
 //! while models run, or a model restarting alone, joins the same one.
 //! `StopWhenUnneeded=yes` removes it when no Citadel unit needs it any more.
 //!
