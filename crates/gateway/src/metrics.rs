@@ -219,16 +219,15 @@ impl Collector for ProcessCollector {
     }
 }
 
-/// The version and commit this binary was built from (`CITADEL_COMMIT` at
-/// build time, e.g. `git rev-parse --short HEAD`; `unknown` without it).
+/// The version and commit this binary was built from: `CITADEL_VERSION`
+/// (`VERSION (commit COMMIT)`, set by `packaging/build-version.rs`, the
+/// same as `--version`); `unknown` where it says nothing.
 pub fn build_info() -> (&'static str, &'static str) {
-    (
-        env!("CARGO_PKG_VERSION"),
-        match option_env!("CITADEL_COMMIT") {
-            Some(c) if !c.is_empty() => c,
-            _ => "unknown",
-        },
-    )
+    let line = option_env!("CITADEL_VERSION").unwrap_or(env!("CARGO_PKG_VERSION"));
+    match line.split_once(" (commit ") {
+        Some((version, commit)) => (version, commit.strip_suffix(')').unwrap_or(commit)),
+        None => (line, "unknown"),
+    }
 }
 
 impl Metrics {
