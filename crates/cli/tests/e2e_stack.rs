@@ -361,6 +361,17 @@ memory_high = "88M"
     st.install();
     let out = st.cli(&["start", "mixtral", "hermes", "openchat", "phi3", "gateway"]);
     assert!(out.status.success(), "{}", text(&out));
+    // The crash-looping and the memory-hungry model: started without waiting
+    // (nothing else pulls a model in since the gateway stopped doing so).
+    st.sb
+        .exec_ok(&[
+            "systemctl",
+            "start",
+            "--no-block",
+            &unit("crashy"),
+            &unit("hog"),
+        ])
+        .unwrap();
 
     // kill -9 an engine: systemd restarts the unit; the gateway sees it go and come back.
     let before = st.show_u64(&unit("hermes"), "NRestarts");
@@ -581,11 +592,19 @@ fn gateway_requests(st: &Stack) -> u64 {
 #[test]
 fn issue9_broken_config_reload_keeps_serving() {
     const CONFIG: &str = "/opt/citadel/config/citadel.toml";
-    // The per-key rate limit (100/min in the demo) would refuse this load.
-    let good = config("0s", "").replace(
-        "rate_limit_per_minute = 100\n",
-        "rate_limit_per_minute = 1000000\n",
-    );
+    // The per-key rate limit of the demo would refuse this load.
+    let good: String = config("0s", "")
+        .lines()
+        .map(|l| {
+            if l.starts_with("rate_limit_per_minute") {
+                "rate_limit_per_minute = 1000000\n".to_owned()
+            } else if l.starts_with("rate_limit_burst") {
+                "rate_limit_burst = 100000\n".to_owned()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
     assert!(good.contains("rate_limit_per_minute = 1000000\n"));
     let st = Stack::boot("e2e-reload", &good);
     st.install();

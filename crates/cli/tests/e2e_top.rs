@@ -19,11 +19,12 @@ fn config() -> String {
     citadel_config::SIM_EXAMPLE_CONFIG
         .replace("\"--load-time\", \"2s\"", "\"--load-time\", \"0s\"")
         .replace("listen = \"127.0.0.1\"", "listen = \"0.0.0.0\"")
-        // Enough for the test's traffic (the example allows 100 a minute).
+        // Enough for the test's traffic.
         .replace(
-            "rate_limit_per_minute = 100",
-            "rate_limit_per_minute = 100000\nrate_limit_burst = 10000",
+            "rate_limit_per_minute = 6000",
+            "rate_limit_per_minute = 100000",
         )
+        .replace("rate_limit_burst = 200", "rate_limit_burst = 10000")
 }
 
 /// The columns of `model`'s row on a screen or in plain output.
