@@ -83,6 +83,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Render { out } => render(&ctx, out),
         Command::Validate { bin_dir } => validate(&ctx, bin_dir),
         Command::ReportFailure { unit } => report_failure(&unit),
+        Command::Assets { out } => crate::assets::generate(&out),
+        Command::Services => with_settings(&ctx, crate::assets::print_service_names),
         Command::Install { dry_run, bin_dir } => with_checked_settings(&ctx, |s| {
             // Units are installed only with every GPU bound to its device on
             // this host: an unresolved GPU model would start and see no GPU.

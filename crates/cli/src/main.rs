@@ -17,6 +17,7 @@
 mod out;
 
 mod analyze;
+mod assets;
 mod commands;
 mod control;
 mod fsutil;
@@ -146,6 +147,15 @@ enum Command {
     /// Log a critical, structured journal entry about a failed unit (used by OnFailure=)
     #[command(hide = true)]
     ReportFailure { unit: String },
+    /// Write the man pages and shell completions into DIR (used to build the package)
+    #[command(hide = true)]
+    Assets {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Print the stack's SERVICE names from the config, one per line (used by shell completion)
+    #[command(hide = true)]
+    Services,
 }
 
 fn main() -> ExitCode {

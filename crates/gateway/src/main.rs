@@ -32,10 +32,25 @@ struct Cli {
     /// `citadel-gateway.socket`) or gateway.listen:gateway.port (port 0 = ephemeral).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Print this program's man page (roff) and exit; the package is built with it.
+    #[arg(long, hide = true)]
+    man_page: bool,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.man_page {
+        let mut out = std::io::stdout().lock();
+        return match clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut out)
+        {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("citadel-gateway: cannot write the man page: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     // Before any thread starts: it clears LISTEN_FDS/LISTEN_PID.
     let inherited = citadel_gateway::listen::from_systemd();
     let _logging = citadel_log::init("citadel-gateway");

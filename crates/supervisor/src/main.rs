@@ -58,6 +58,9 @@ enum Cmd {
         /// The model, as named in `[models.NAME]`.
         name: String,
     },
+    /// Print this program's man page (roff); the package is built with it.
+    #[command(hide = true)]
+    ManPage,
 }
 
 fn parse_span(s: &str) -> Result<Duration, String> {
@@ -139,10 +142,18 @@ fn load(cli: &Cli) -> Result<Settings, Failure> {
 }
 
 fn real_main(cli: Cli) -> Result<u8, Failure> {
-    let settings = load(&cli)?;
     let name = match &cli.command {
         Cmd::Run { name, .. } | Cmd::Command { name } => name,
+        Cmd::ManPage => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut page)
+                .map_err(|e| Failure(EXIT_IOERR, e.into()))?;
+            to_stdout(&String::from_utf8_lossy(&page))?;
+            return Ok(0);
+        }
     };
+    let settings = load(&cli)?;
     let Some(model) = settings.model(name) else {
         let known: Vec<&str> = settings.models.iter().map(|m| m.name.as_str()).collect();
         return Err(Failure(
@@ -165,6 +176,8 @@ fn real_main(cli: Cli) -> Result<u8, Failure> {
             to_stdout(&cmd)?;
             Ok(0)
         }
+        // Answered above, before the config was loaded.
+        Cmd::ManPage => Ok(0),
         Cmd::Run {
             extend_interval,
             extend_by,
