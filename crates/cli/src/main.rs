@@ -25,6 +25,7 @@ mod gpu;
 mod install;
 mod observe;
 mod owned;
+mod running;
 mod services;
 mod systemd;
 mod top;
@@ -102,8 +103,10 @@ enum Command {
     Enable { services: Vec<String> },
     /// Disable services at boot (default: the whole stack)
     Disable { services: Vec<String> },
-    /// Show state, uptime, PID, memory, restarts, port and status text; exit 3 if any
-    /// listed service (default: the whole stack) is not active, like `systemctl status`
+    /// Show state, uptime, PID, memory, restarts, port, whether the process runs the
+    /// installed binary ("restart to apply" after an upgrade; "?" when not root) and
+    /// status text; exit 3 if any listed service (default: the whole stack) is not
+    /// active, like `systemctl status`
     Status {
         services: Vec<String>,
         #[arg(long)]

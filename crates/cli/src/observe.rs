@@ -18,6 +18,19 @@ struct ServiceStatus {
     port: u16,
     #[serde(flatten)]
     state: UnitState,
+    /// Whether the main process runs the installed binary (issue 13, item 2);
+    /// null when not running.
+    binary: Option<crate::running::BinaryState>,
+}
+
+/// The installed binary a unit's main process should run.
+fn binary_of(settings: &Settings, unit: &str) -> std::path::PathBuf {
+    let name = if unit == unit_names::GATEWAY {
+        "citadel-gateway"
+    } else {
+        "citadel-model"
+    };
+    settings.paths.bin().join(name)
 }
 
 fn port_of(settings: &Settings, unit: &str) -> u16 {
@@ -32,10 +45,12 @@ async fn collect(settings: &Settings, names: &[String]) -> Result<Vec<ServiceSta
     let mut out = Vec::new();
     for unit in resolve(settings, names)? {
         let state = systemd.unit_state(&unit).await?;
+        let binary = crate::running::of_process(state.main_pid, &binary_of(settings, &unit));
         out.push(ServiceStatus {
             service: short_name(&unit).to_owned(),
             port: port_of(settings, &unit),
             state,
+            binary,
         });
     }
     Ok(out)
@@ -50,14 +65,15 @@ pub async fn status(settings: &Settings, names: &[String], json: bool) -> Result
         return Ok(code);
     }
     outln!(
-        "{:<10} {:<28} {:<12} {:>7} {:>19} {:>8} {:>6}  STATUS",
+        "{:<10} {:<28} {:<12} {:>7} {:>19} {:>8} {:>6}  {:<16}  STATUS",
         "SERVICE",
         "STATE",
         "SINCE",
         "PID",
         "MEMORY / MAX",
         "RESTARTS",
-        "PORT"
+        "PORT",
+        "BINARY"
     )?;
     for s in &services {
         let st = &s.state;
@@ -72,7 +88,7 @@ pub async fn status(settings: &Settings, names: &[String], json: bool) -> Result
             st.main_pid.to_string()
         };
         outln!(
-            "{:<10} {:<28} {:<12} {:>7} {:>19} {:>8} {:>6}  {}",
+            "{:<10} {:<28} {:<12} {:>7} {:>19} {:>8} {:>6}  {:<16}  {}",
             s.service,
             format!("{} ({})", st.active_state, st.sub_state),
             since(st.since_usec),
@@ -80,6 +96,7 @@ pub async fn status(settings: &Settings, names: &[String], json: bool) -> Result
             memory,
             st.n_restarts,
             s.port,
+            s.binary.map_or("-", |b| b.label()),
             st.status_text
         )?;
     }
