@@ -188,11 +188,24 @@ async fn health_once(settings: &Settings) -> Result<Health> {
     let systemd = Systemd::connect().await?;
     let gw_state = systemd.unit_state(unit_names::GATEWAY).await?;
     let gw_addr = gateway_addr(settings);
-    let gw_models = http_get(gw_addr, "/health/models")
-        .await
-        .ok()
-        .filter(|(code, _)| *code == 200)
-        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok());
+    // Beyond loopback `/health/models` needs an API key (issue 12, item 5):
+    // send the first one, as root can read it (a small local file).
+    let g = &settings.gateway;
+    let key = (g.auth && !g.listen.is_loopback())
+        .then(|| std::fs::read_to_string(&g.api_keys_file).ok())
+        .flatten()
+        .and_then(|text| crate::top::first_api_key(&text));
+    let gw_models = http_get_as(
+        gw_addr,
+        "/health/models",
+        key.as_deref(),
+        HTTP_TIMEOUT,
+        HTTP_MAX_BODY,
+    )
+    .await
+    .ok()
+    .filter(|(code, _)| *code == 200)
+    .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok());
     let mut models = Vec::new();
     let isolated = settings.engine_network().is_isolated();
     for m in &settings.models {

@@ -222,6 +222,15 @@ fn issue14_top_in_tmux() {
     // Beyond loopback /metrics needs a key: `top` must have sent one.
     let (code, _) = st.http("GET", "http://127.0.0.1:8000/metrics", None, None);
     assert_eq!(code, 401, "the gateway's /metrics should need a key here");
+    // `health` sends a key for /health/models too (issue 12, item 5), so it
+    // sees the gateway's view of every model: healthy, not "unknown".
+    let health = st.cli_ok(&["health", "--json"]);
+    let h: serde_json::Value = serde_json::from_str(&health).expect("health --json");
+    assert_eq!(h["overall"], "healthy", "{health}");
+    assert!(
+        !health.contains("\"unknown\""),
+        "health reads the gateway's view beyond loopback: {health}"
+    );
 
     top_in_tmux(&st, "top-q", "q");
     top_in_tmux(&st, "top-ctrl-c", "C-c");
