@@ -128,6 +128,23 @@ pub(crate) fn render(entries: &[ModelEntry]) -> String {
         "Number of requests waiting to be processed (the simulator never queues).",
         &|_| "0".to_string(),
     );
+    // KV-cache use, 0 to 1, under both of vLLM's names (older releases
+    // `gpu_cache_usage_perc`, newer `kv_cache_usage_perc`). Simulated: each
+    // running request holds 1/32 of the cache.
+    for name in ["vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"] {
+        scalar(
+            &mut out,
+            name,
+            "gauge",
+            "KV-cache usage, 1 means 100 percent (simulated: running requests / 32).",
+            &|m| {
+                format!(
+                    "{}",
+                    (m.running.load(Relaxed).max(0) as f64 / 32.0).min(1.0)
+                )
+            },
+        );
+    }
     scalar(
         &mut out,
         "vllm:prompt_tokens_total",

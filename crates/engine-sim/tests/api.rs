@@ -334,6 +334,8 @@ async fn metrics_use_vllm_names_and_count_requests() {
     for name in [
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
+        "vllm:gpu_cache_usage_perc",
+        "vllm:kv_cache_usage_perc",
         "vllm:prompt_tokens_total",
         "vllm:generation_tokens_total",
         "vllm:request_success_total",
