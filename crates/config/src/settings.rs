@@ -18,8 +18,14 @@ pub struct ModelName(String);
 
 impl ModelName {
     /// Names a model may not take (compared without regard to case), and why.
-    pub const RESERVED: &'static [&'static str] =
-        &["gateway", "api-gateway", "all", "citadel", "failure"];
+    pub const RESERVED: &'static [&'static str] = &[
+        "gateway",
+        "api-gateway",
+        "all",
+        "citadel",
+        "failure",
+        "unknown",
+    ];
 
     /// Why each [`ModelName::RESERVED`] name is reserved.
     pub const RESERVED_BECAUSE: &'static [(&'static str, &'static str)] = &[
@@ -28,6 +34,7 @@ impl ModelName {
         ("all", "reserved for the CLI's \"every service\""),
         ("citadel", "the stack's own name (citadel.target, the citadel user and group)"),
         ("failure", "the failure-report unit citadel-failure@.service and its journal field CITADEL_SERVICE=failure"),
+        ("unknown", "the gateway's metrics label for requests naming a model it does not serve"),
     ];
 
     /// Unit type suffixes: a model named `x.service` or `citadel.target` would

@@ -842,6 +842,15 @@ impl Validator {
                 );
                 continue;
             }
+            if a.eq_ignore_ascii_case("unknown") {
+                self.error(
+                    &k("aliases"),
+                    span(alias),
+                    format!("alias `{a}` is reserved"),
+                    Some("`unknown` is the gateway's metrics label for requests naming a model it does not serve; choose another alias"),
+                );
+                continue;
+            }
             if aliases.contains(a) {
                 self.warn(
                     &k("aliases"),

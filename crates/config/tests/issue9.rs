@@ -392,6 +392,19 @@ fn issue9_reserved_model_name_failure() {
     );
 }
 
+/// Issue 14: `unknown` is the gateway's metrics label for a model it does not
+/// serve; neither a model nor an alias may take it.
+#[test]
+fn issue14_unknown_is_reserved_for_the_metrics_label() {
+    let r = errors("[models.unknown]\nport = 11400\nengine = \"sim\"\n");
+    assert_has(
+        &r,
+        &["model name `unknown` is reserved (the gateway's metrics label"],
+    );
+    let r = errors("[models.a]\nport = 11400\nengine = \"sim\"\naliases = [\"Unknown\"]\n");
+    assert_has(&r, &["alias `Unknown` is reserved", "citadel.toml:4:"]);
+}
+
 /// Issue 9, item 15: `Gateway`, unit names and `citadel-...` made the CLI's
 /// SERVICE resolution ambiguous.
 #[test]
