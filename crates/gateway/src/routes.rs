@@ -2,7 +2,9 @@
 //! with health state kept per backend by background probes and passive ejection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed,
+};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -54,6 +56,35 @@ pub struct Backend {
     last_error: Mutex<Option<String>>,
     /// Set when a reload removed this backend; its prober then stops.
     retired: AtomicBool,
+    /// Failures in a row (5xx answers, timeouts, broken connections) since
+    /// the last good answer: outlier detection (issue 11, item 4).
+    failures: AtomicU32,
+    outlier: Mutex<Outlier>,
+    /// Woken whenever the backend stops being ready (a failed probe, an
+    /// ejection): requests waiting for its answer move to another backend.
+    pub(crate) went_down: tokio::sync::Notify,
+}
+
+/// A backend's ejections (issue 11, item 4, after Envoy's outlier detection).
+#[derive(Debug, Default)]
+struct Outlier {
+    /// Ejected until then: probes do not readmit it before.
+    until: Option<Instant>,
+    /// Ejections in a row; each one lasts twice as long as the one before.
+    ejections: u32,
+    /// How long the last ejection lasted.
+    last: Duration,
+    /// When the last ejection ended (the backend was readmitted).
+    readmitted: Option<Instant>,
+}
+
+/// How long ejection number `n` (0 = the first in a row) lasts: `base`
+/// doubled `n` times, at most `Gateway::MAX_EJECTION` (or `base` when longer).
+pub fn ejection_time(base: Duration, n: u32) -> Duration {
+    let cap = base.max(citadel_config::Gateway::MAX_EJECTION.duration());
+    base.checked_mul(1u32.checked_shl(n).unwrap_or(u32::MAX))
+        .unwrap_or(cap)
+        .min(cap)
 }
 
 impl Backend {
@@ -67,7 +98,94 @@ impl Backend {
             last_latency_us: AtomicU64::new(u64::MAX),
             last_error: Mutex::new(None),
             retired: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
+            outlier: Mutex::new(Outlier::default()),
+            went_down: tokio::sync::Notify::new(),
         }
+    }
+
+    fn outlier(&self) -> std::sync::MutexGuard<'_, Outlier> {
+        match self.outlier.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// A good answer (anything but a 5xx): the failure streak ends.
+    pub fn succeeded(&self) {
+        if self.failures.load(Relaxed) != 0 {
+            self.failures.store(0, Relaxed);
+        }
+    }
+
+    /// A failed request (a 5xx answer, a timeout, a broken connection):
+    /// after `gateway.outlier_failures` in a row the backend is ejected for
+    /// an exponential back-off, whatever its health check says. Returns
+    /// whether this failure ejected it.
+    pub fn failed(&self, metrics: &Metrics, gw: &citadel_config::Gateway, why: &str) -> bool {
+        let n = self.failures.fetch_add(1, Relaxed) + 1;
+        if n < gw.outlier_failures {
+            return false;
+        }
+        let now = Instant::now();
+        let time = {
+            let mut o = self.outlier();
+            if o.until.is_some_and(|u| u > now) {
+                return false;
+            }
+            // Healthy for longer than twice its last ejection: start over.
+            if o.readmitted
+                .is_some_and(|r| now.duration_since(r) > o.last * 2)
+            {
+                o.ejections = 0;
+            }
+            let time = ejection_time(gw.outlier_ejection.duration(), o.ejections);
+            o.ejections = o.ejections.saturating_add(1);
+            o.last = time;
+            o.until = Some(now + time);
+            time
+        };
+        self.failures.store(0, Relaxed);
+        tracing::warn!(
+            model = %self.model,
+            backend = %self.base,
+            failures = n,
+            ejected_ms = time.as_millis() as u64,
+            "backend ejected: model {} at {} failed {n} requests in a row ({why}); left out for {time:?} although its health check may pass",
+            self.model,
+            self.base
+        );
+        self.set(
+            metrics,
+            Health::Down,
+            Some(format!(
+                "ejected for {time:?} after {n} failed requests in a row (last: {why})"
+            )),
+        );
+        true
+    }
+
+    /// A passed health check: ready, unless an ejection still runs.
+    fn probe_passed(&self, metrics: &Metrics) {
+        {
+            let mut o = self.outlier();
+            if let Some(until) = o.until {
+                if Instant::now() < until {
+                    return;
+                }
+                o.until = None;
+                o.readmitted = Some(Instant::now());
+                tracing::info!(
+                    model = %self.model,
+                    backend = %self.base,
+                    "backend readmitted: model {} at {} passed its health check after its ejection",
+                    self.model,
+                    self.base
+                );
+            }
+        }
+        self.failures.store(0, Relaxed);
+        self.set(metrics, Health::Ready, None);
     }
 
     pub fn health(&self) -> Health {
@@ -88,6 +206,9 @@ impl Backend {
                 backend: self.base.clone(),
             })
             .set(i64::from(h == Health::Ready));
+        if h != Health::Ready {
+            self.went_down.notify_waiters();
+        }
         if old != h {
             match h {
                 Health::Ready => {
@@ -318,7 +439,7 @@ pub fn spawn_prober(shared: Arc<Shared>, b: Arc<Backend>) {
             match res {
                 Ok(Ok(s)) if s == hyper::StatusCode::OK => {
                     b.last_latency_us.store(lat.as_micros() as u64, Relaxed);
-                    b.set(&shared.metrics, Health::Ready, None)
+                    b.probe_passed(&shared.metrics)
                 }
                 Ok(Ok(s)) => {
                     b.last_latency_us.store(lat.as_micros() as u64, Relaxed);
@@ -341,10 +462,31 @@ pub fn spawn_prober(shared: Arc<Shared>, b: Arc<Backend>) {
             }
             shared.metrics.observe_models(&shared.table());
             shared.status_changed.notify_one();
+            shared.probed.notify_waiters();
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = shared.stop_notify.notified() => {}
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ejection_time;
+    use std::time::Duration;
+
+    /// Issue 11, item 4: ejections double, capped at 5 min (or the base).
+    #[test]
+    fn issue11_ejection_back_off_doubles_and_is_capped() {
+        let s = Duration::from_secs;
+        let got: Vec<_> = (0..7).map(|n| ejection_time(s(10), n)).collect();
+        assert_eq!(got, [s(10), s(20), s(40), s(80), s(160), s(300), s(300)]);
+        assert_eq!(ejection_time(s(10), u32::MAX), s(300));
+        assert_eq!(ejection_time(s(600), 3), s(600));
+        assert_eq!(
+            ejection_time(Duration::from_millis(100), 0),
+            Duration::from_millis(100)
+        );
+    }
 }
