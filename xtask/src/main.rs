@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 mod bench_gateway;
 mod bench_sim;
+mod deb;
+mod e2e_deb;
 mod e2e_llama_cpp;
 mod e2e_vllm;
 mod sandbox;
@@ -37,6 +39,16 @@ const TASKS: &[(&str, &str, Task)] = &[
         "e2e-llama-cpp",
         "build llama.cpp's llama-server and run the real-llama.cpp end-to-end tier in the sandbox",
         e2e_llama_cpp::run,
+    ),
+    (
+        "deb",
+        "build the Debian package citadel_VERSION_ARCH.deb (release binaries, man pages, completions)",
+        deb::run,
+    ),
+    (
+        "e2e-deb",
+        "build two versions of the package and install, upgrade (under load), remove and purge it in the sandbox",
+        e2e_deb::run,
     ),
     (
         "bench-sim",
