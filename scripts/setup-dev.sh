@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building and testing Citadel needs on Debian 12 / Ubuntu 22.04+.
+# (dpkg-dev, binutils: `cargo xtask deb` builds the package; lintian and man-db:
+# `cargo xtask e2e-deb` checks it.)
 # Idempotent and quick when everything is present. Run as root (or with sudo).
 set -euo pipefail
 
 need_apt=()
-for pkg in systemd-container systemd util-linux iproute2 python3 python3-venv python3-dev wrk ca-certificates curl gcc g++ cmake make tmux; do
+for pkg in systemd-container systemd util-linux iproute2 python3 python3-venv python3-dev wrk ca-certificates curl gcc g++ cmake make tmux dpkg-dev binutils lintian man-db; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then

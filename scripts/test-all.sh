@@ -3,8 +3,9 @@
 # clippy with warnings as errors), build, unit/integration tests (including the
 # tidy rules in xtask/src/tidy.rs, the property tests and the booted-systemd
 # sandbox tests), the README's main job, then the real-engine tiers (vLLM,
-# llama.cpp). Ends with one line: "all tiers: N passed, M failed"; a failed
-# step (fmt, clippy, ...) counts as one failure.
+# llama.cpp) and the Debian package's tier (e2e-deb). Ends with one line:
+# "all tiers: N passed, M failed"; a failed step (fmt, clippy, ...) counts as
+# one failure.
 # Run as root from the repository's top directory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,11 +48,14 @@ run "e2e-vllm" cargo xtask e2e-vllm --bin-dir target/debug
 step "real-engine tier: llama.cpp's llama-server (built from source, tiny local GGUF) under Citadel's units"
 run "e2e-llama-cpp" cargo xtask e2e-llama-cpp --bin-dir target/debug
 
+step "the Debian package: build (release), lintian, dpkg -i, upgrade under load, dpkg -r and -P in the sandbox"
+run "e2e-deb" cargo xtask e2e-deb
+
 step "done"
 passed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed' "$log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$log" | grep -oE '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 # Tiers that are not cargo test report "NAME: N passed, M failed".
-for tier in e2e-vllm e2e-llama-cpp; do
+for tier in e2e-vllm e2e-llama-cpp e2e-deb; do
   read -r tp tf < <(grep -E "^$tier: [0-9]+ passed, [0-9]+ failed" "$log" | tail -n 1 \
     | sed -E "s/^$tier: ([0-9]+) passed, ([0-9]+) failed.*/\1 \2/"; echo)
   passed=$((passed + ${tp:-0})); failed=$((failed + ${tf:-0}))
