@@ -114,9 +114,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 purge,
             ))
         }
-        Command::Start { services } => {
-            with_checked_settings(&ctx, |s| block_on(control::jobs(s, "start", &services)))
-        }
+        Command::Start { services, wait } => with_checked_settings(&ctx, |s| {
+            let wait = if wait {
+                control::Wait::All
+            } else {
+                control::Wait::Api
+            };
+            block_on(control::jobs_with(s, "start", &services, wait))
+        }),
         Command::Stop { services } => {
             with_settings(&ctx, |s| block_on(control::jobs(s, "stop", &services)))
         }

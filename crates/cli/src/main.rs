@@ -91,11 +91,17 @@ enum Command {
         #[arg(long)]
         purge: bool,
     },
-    /// Start services (default: the whole stack) and wait until they are ready
-    Start { services: Vec<String> },
-    /// Stop services (default: the whole stack; the gateway stops first)
+    /// Start services (default: the gateway and the enabled models); wait for the API
+    /// and for the models that load within 10 s (a named service: until it is ready)
+    Start {
+        services: Vec<String>,
+        /// Wait until every enabled model serves (up to its start_timeout), not only the API
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Stop services (default: the whole stack; gateway and models stop in parallel, each drains)
     Stop { services: Vec<String> },
-    /// Restart services (default: the whole stack)
+    /// Restart services (default: the gateway and the models that are enabled or running)
     Restart { services: Vec<String> },
     /// Reload the gateway's config, API keys and limits without dropping connections
     Reload { services: Vec<String> },

@@ -46,7 +46,6 @@ pub enum Wait {
     #[default]
     Api,
     /// Every model started, up to its own start timeout (`start --wait`).
-    #[cfg_attr(not(test), allow(dead_code))]
     All,
 }
 

@@ -62,8 +62,9 @@ fn lifecycle_install_start_serve_stop_uninstall() {
 
     // start: everything active. (The gateway no longer waits for the models,
     // issue 10 item 1: e2e_operator.rs checks that with a slow model.)
+    // `--wait`: returns only once every enabled model serves.
     let started = Instant::now();
-    st.cli_ok(&["start"]);
+    st.cli_ok(&["start", "--wait"]);
     let start_s = started.elapsed().as_secs_f64();
     for m in MODELS {
         assert_eq!(st.show(&unit(m), "ActiveState"), "active", "{m}");
