@@ -91,25 +91,41 @@ fn max_open_files(limits: &str) -> Option<u64> {
 /// reports `PAGE_COUNTER_MAX` pages: 9223372036854771712 on 4 KiB pages).
 const V1_UNLIMITED: u64 = 1 << 62;
 
+/// Where a unit's cgroup is below a controller root: an instance of a template
+/// (`citadel-model@NAME.service`) lives in the template's slice,
+/// `system.slice/system-citadel\x2dmodel.slice/UNIT` (systemd escapes `-` in
+/// the slice name as `\x2d`); any other unit in `system.slice/UNIT`.
+fn unit_cgroup(unit: &str) -> std::path::PathBuf {
+    let base = Path::new("system.slice");
+    match unit.split_once('@') {
+        Some((template, _)) => {
+            let escaped = template.replace('-', "\\x2d");
+            base.join(format!("system-{escaped}.slice")).join(unit)
+        }
+        None => base.join(unit),
+    }
+}
+
 /// A unit's memory use and limit in bytes, from the cgroup hierarchy under
-/// `root` (`/sys/fs/cgroup`): v2 `system.slice/UNIT/memory.current` and
-/// `memory.max` (`max`: no limit), else v1 `memory/system.slice/UNIT/`
-/// `memory.usage_in_bytes` and `memory.limit_in_bytes` (a huge value: no
-/// limit). Each is `None` when absent or unreadable.
+/// `root` (`/sys/fs/cgroup`): v2 `CGROUP/memory.current` and `memory.max`
+/// (`max`: no limit), else v1 `memory/CGROUP/` `memory.usage_in_bytes` and
+/// `memory.limit_in_bytes` (a huge value: no limit), where CGROUP is the
+/// unit's place ([`unit_cgroup`]). Each is `None` when absent or unreadable.
 pub fn unit_memory(root: &Path, unit: &str) -> (Option<u64>, Option<u64>) {
     let read_u64 = |p: &Path| -> Option<u64> {
         std::fs::read_to_string(p)
             .ok()
             .and_then(|s| s.trim().parse().ok())
     };
-    let v2 = root.join("system.slice").join(unit);
-    if v2.is_dir() {
+    let cgroup = unit_cgroup(unit);
+    let v2 = root.join(&cgroup);
+    if v2.join("memory.current").is_file() {
         return (
             read_u64(&v2.join("memory.current")),
             read_u64(&v2.join("memory.max")),
         );
     }
-    let v1 = root.join("memory").join("system.slice").join(unit);
+    let v1 = root.join("memory").join(&cgroup);
     (
         read_u64(&v1.join("memory.usage_in_bytes")),
         read_u64(&v1.join("memory.limit_in_bytes")).filter(|l| *l < V1_UNLIMITED),
@@ -153,7 +169,8 @@ mod tests {
     fn issue14_unit_memory_reads_cgroup_v2_and_v1() {
         let d = tempfile::tempdir().unwrap();
         let unit = "citadel-model@phi3.service";
-        let v2 = d.path().join("v2/system.slice").join(unit);
+        let slice = "system.slice/system-citadel\\x2dmodel.slice";
+        let v2 = d.path().join("v2").join(slice).join(unit);
         std::fs::create_dir_all(&v2).unwrap();
         std::fs::write(v2.join("memory.current"), "123456\n").unwrap();
         std::fs::write(v2.join("memory.max"), "8589934592\n").unwrap();
@@ -166,7 +183,7 @@ mod tests {
             unit_memory(&d.path().join("v2"), unit),
             (Some(123456), None)
         );
-        let v1 = d.path().join("v1/memory/system.slice").join(unit);
+        let v1 = d.path().join("v1/memory").join(slice).join(unit);
         std::fs::create_dir_all(&v1).unwrap();
         std::fs::write(v1.join("memory.usage_in_bytes"), "777\n").unwrap();
         std::fs::write(v1.join("memory.limit_in_bytes"), "1073741824\n").unwrap();
