@@ -156,9 +156,15 @@ struct Health {
 /// (its unit is active and the engine answers, but the gateway's next probe,
 /// within `probe_interval`, has not seen it ready yet);
 /// `down` otherwise (stopped, failed, restarting after a crash, unhealthy).
+/// The gateway state shown when `/health/models` needs a key this user cannot
+/// read: the unit's state (READY=1 from the supervisor) decides alone.
+const NO_ACCESS: &str = "not visible without an API key (run as root)";
+
 fn model_state(active: &str, sub: &str, probe_ok: bool, gateway_state: &str) -> &'static str {
     match (active, sub) {
-        ("active", _) if probe_ok && gateway_state == "ready" => "ready",
+        ("active", _) if probe_ok && (gateway_state == "ready" || gateway_state == NO_ACCESS) => {
+            "ready"
+        }
         ("active", _) if probe_ok => "loading",
         ("activating", "start" | "start-pre" | "start-post") => "loading",
         _ => "down",
@@ -195,7 +201,7 @@ async fn health_once(settings: &Settings) -> Result<Health> {
         .then(|| std::fs::read_to_string(&g.api_keys_file).ok())
         .flatten()
         .and_then(|text| crate::top::first_api_key(&text));
-    let gw_models = http_get_as(
+    let answer = http_get_as(
         gw_addr,
         "/health/models",
         key.as_deref(),
@@ -203,9 +209,14 @@ async fn health_once(settings: &Settings) -> Result<Health> {
         HTTP_MAX_BODY,
     )
     .await
-    .ok()
-    .filter(|(code, _)| *code == 200)
-    .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok());
+    .ok();
+    // 401: the gateway listens beyond loopback and this user cannot read a
+    // key (not root). Its per-model view is then unknown, which must not turn
+    // a model the supervisor reports ready into "loading".
+    let no_access = matches!(answer, Some((401, _)));
+    let gw_models = answer
+        .filter(|(code, _)| *code == 200)
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok());
     let mut models = Vec::new();
     let isolated = settings.engine_network().is_isolated();
     for m in &settings.models {
@@ -236,7 +247,13 @@ async fn health_once(settings: &Settings) -> Result<Health> {
                     .cloned()
             })
             .and_then(|x| x["state"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| "unknown".into());
+            .unwrap_or_else(|| {
+                if no_access {
+                    NO_ACCESS.into()
+                } else {
+                    "unknown".into()
+                }
+            });
         let state = model_state(
             &st.active_state,
             &st.sub_state,
@@ -742,6 +759,10 @@ mod tests {
         assert_eq!(model_state("active", "running", false, "ready"), "down");
         // Ready in systemd, not admitted by the gateway yet: loading.
         assert_eq!(model_state("active", "running", true, "down"), "loading");
+        // The gateway's view needs a key this user cannot read: systemd's
+        // READY decides, never "loading" forever (review of issue 10 item 6).
+        assert_eq!(model_state("active", "running", true, NO_ACCESS), "ready");
+        assert_eq!(model_state("failed", "failed", false, NO_ACCESS), "down");
 
         assert_eq!(
             overall_state(true, &["ready", "ready", "loading"]),

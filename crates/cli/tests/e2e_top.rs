@@ -288,4 +288,16 @@ fn issue14_top_in_tmux() {
         assert_eq!(c[1], "active", "{shown}");
         assert_eq!(c[2], "-", "{shown}");
     }
+
+    // `health` as that user: the gateway's per-model view needs a key it
+    // cannot read, so systemd's READY decides: healthy, not "loading" forever.
+    let health = st
+        .sb
+        .exec(&["runuser", "-u", "nobody", "--", &cli, "health", "--json"])
+        .unwrap();
+    let shown = String::from_utf8_lossy(&health.stdout).into_owned();
+    assert!(health.status.success(), "{}", text(&health));
+    let h: serde_json::Value = serde_json::from_str(&shown).expect("health --json");
+    assert_eq!(h["overall"], "healthy", "{shown}");
+    assert!(shown.contains("run as root"), "{shown}");
 }
