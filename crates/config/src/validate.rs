@@ -1181,6 +1181,7 @@ impl Validator {
         );
         for (prefix, m) in tables {
             for url in m.replicas.iter().flat_map(|r| r.get_ref()) {
+                self.replica_ipv4_spelling(&prefix, url);
                 if crate::upstream::points_at_gateway(
                     url.get_ref(),
                     gateway.listen,
@@ -1200,6 +1201,36 @@ impl Validator {
                 }
             }
         }
+    }
+
+    /// A replica's IPv4 address must be a canonical dotted quad: resolvers
+    /// read `127.1` or `2130706433` as 127.0.0.1, which hid loops.
+    fn replica_ipv4_spelling(&mut self, prefix: &str, url: &S<String>) {
+        use crate::upstream::{ipv4_spelling, Ipv4Spelling};
+        let text = url.get_ref();
+        let (message, help) = match ipv4_spelling(text) {
+            Ipv4Spelling::Fine => return,
+            Ipv4Spelling::Means(ip) => (
+                format!(
+                    "replica `{}` writes the IPv4 address {ip} other than as a dotted quad",
+                    text.escape_debug()
+                ),
+                format!("write the address as a dotted quad of four decimal numbers: `{ip}`"),
+            ),
+            Ipv4Spelling::Invalid => (
+                format!(
+                    "replica `{}` has a numeric host that is no IPv4 address",
+                    text.escape_debug()
+                ),
+                "write the address as a dotted quad of four decimal numbers from 0 to 255, e.g. `10.0.0.12`".to_owned(),
+            ),
+        };
+        self.error(
+            &format!("{prefix}.replicas"),
+            span(url),
+            message,
+            Some(&help),
+        );
     }
 
     fn ports(&mut self, raw: &RawConfig, gateway: &Gateway) {

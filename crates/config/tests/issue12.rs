@@ -97,3 +97,61 @@ fn issue12_replica_pointing_at_the_gateway_is_refused() {
     ));
     assert_eq!(ok.models[0].replicas.len(), 3);
 }
+
+/// Review of item 3: a replica written with an IPv4 literal other than a
+/// canonical dotted quad (which resolvers still read, as `inet_aton` does) or
+/// with a loopback name of `/etc/hosts` passed the loop check. Such literals
+/// are refused with a hint naming the dotted quad; the names are local.
+#[test]
+fn review_replica_loop_bypasses_are_refused() {
+    let gateway = "listen = \"127.0.0.1\"\nport = 18000";
+    for (url, quad) in [
+        ("http://127.1:18000", "127.0.0.1"),
+        ("http://2130706433:18000", "127.0.0.1"),
+        ("http://0x7f000001:18000", "127.0.0.1"),
+        ("http://0177.0.0.1:18000", "127.0.0.1"),
+        ("http://0:18000", "0.0.0.0"),
+    ] {
+        let r = errors(&with_gateway(gateway, &format!("replicas = [\"{url}\"]\n")));
+        assert!(
+            r.contains(&format!(
+                "replica `{url}` writes the IPv4 address {quad} other than as a dotted quad"
+            )) && r.contains(&format!(
+                "write the address as a dotted quad of four decimal numbers: `{quad}`"
+            )) && r.contains(&format!("replica `{url}` is the gateway itself"))
+                && r.contains("models.phi3.replicas")
+                && r.contains("citadel.toml:7:"),
+            "{url}:\n{r}"
+        );
+    }
+    for url in [
+        "http://ip6-localhost:18000",
+        "http://ip6-loopback:18000",
+        "http://localhost.localdomain:18000",
+        "http://[::ffff:127.0.0.1]:18000",
+        "http://0.0.0.0:18000",
+    ] {
+        let r = errors(&with_gateway(gateway, &format!("replicas = [\"{url}\"]\n")));
+        assert!(
+            r.contains(&format!("replica `{url}` is the gateway itself")),
+            "{url}:\n{r}"
+        );
+    }
+    // Not a loop, but still not a dotted quad: refused all the same.
+    let r = errors(&with_gateway(
+        gateway,
+        "replicas = [\"http://167772172:11403\", \"http://10.0.0.256:11403\"]\n",
+    ));
+    assert!(
+        r.contains("`http://167772172:11403` writes the IPv4 address 10.0.0.12 other than as a dotted quad")
+            && r.contains("`http://10.0.0.256:11403` has a numeric host that is no IPv4 address")
+            && !r.contains("gateway itself"),
+        "{r}"
+    );
+    // Dotted quads and names stay fine.
+    let ok = settings(&with_gateway(
+        gateway,
+        "replicas = [\"http://10.0.0.12:11403\", \"http://gpu2.lan:18000\", \"http://127.0.0.1:11404\"]\n",
+    ));
+    assert_eq!(ok.models[0].replicas.len(), 3);
+}
