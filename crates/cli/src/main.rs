@@ -118,7 +118,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Combine systemd's state with live probes; exit 0 healthy, 1 degraded, 2 down
+    /// Combine systemd's state with the gateway's probes; exit 0 healthy, 1 loading or
+    /// degraded, 2 down
     Health {
         #[arg(long)]
         json: bool,
