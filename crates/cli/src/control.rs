@@ -166,26 +166,33 @@ pub async fn jobs_with(
         return Ok(ExitCode::SUCCESS);
     }
     for u in &failed {
-        let st = systemd.unit_state(u).await?;
         let job = outcomes
             .iter()
             .find(|o| &o.unit == u)
             .map_or("-", |o| o.result.as_str());
-        errln!(
-            "\n{u}: job {job}, unit {} ({}), result {}",
-            st.active_state,
-            st.sub_state,
-            st.result
-        );
-        errln!("last journal lines:");
-        let out = Command::new("journalctl")
-            .args(["--no-pager", "-o", "short-iso", "-n", "15", "-u", u])
-            .output();
-        if let Ok(out) = out {
-            err!("{}", String::from_utf8_lossy(&out.stdout));
-        }
+        report_failed_unit(&systemd, u, job).await?;
     }
     Ok(ExitCode::from(EXIT_FAILED))
+}
+
+/// Prints why `unit` did not reach its state: the job's result, the unit's
+/// state and result, and its last journal lines.
+pub(crate) async fn report_failed_unit(systemd: &Systemd, unit: &str, job: &str) -> Result<()> {
+    let st = systemd.unit_state(unit).await?;
+    errln!(
+        "\n{unit}: job {job}, unit {} ({}), result {}",
+        st.active_state,
+        st.sub_state,
+        st.result
+    );
+    errln!("last journal lines:");
+    let out = Command::new("journalctl")
+        .args(["--no-pager", "-o", "short-iso", "-n", "15", "-u", unit])
+        .output();
+    if let Ok(out) = out {
+        err!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(())
 }
 
 pub async fn enable(settings: &Settings, names: &[String], on: bool) -> Result<ExitCode> {

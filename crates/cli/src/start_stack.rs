@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -292,21 +292,8 @@ pub async fn run(
         units_failed.push((r.1.as_str(), String::new()));
     }
     for (u, _) in &units_failed {
-        let st = systemd.unit_state(u).await?;
         let job = results.get(*u).map_or("-", |o| o.result.as_str());
-        errln!(
-            "\n{u}: job {job}, unit {} ({}), result {}",
-            st.active_state,
-            st.sub_state,
-            st.result
-        );
-        errln!("last journal lines:");
-        let out = Command::new("journalctl")
-            .args(["--no-pager", "-o", "short-iso", "-n", "15", "-u", u])
-            .output();
-        if let Ok(out) = out {
-            err!("{}", String::from_utf8_lossy(&out.stdout));
-        }
+        crate::control::report_failed_unit(&systemd, u, job).await?;
     }
     Ok(ExitCode::from(EXIT_FAILED))
 }
