@@ -226,9 +226,19 @@ fn request_id(shared: &Shared, headers: &HeaderMap) -> HeaderValue {
         }
     }
     let n = shared.ids.fetch_add(1, Relaxed);
-    let s = format!("{:016x}{:016x}", shared.id_seed, n);
     // tidy: infallible (32 hex digits are always a valid header value)
-    HeaderValue::from_str(&s).expect("hex is a valid header value")
+    HeaderValue::from_bytes(&hex_id(shared.id_seed, n)).expect("hex is a valid header value")
+}
+
+/// `{seed:016x}{n:016x}` without the formatting machinery (issue 11, item 1).
+fn hex_id(seed: u64, n: u64) -> [u8; 32] {
+    let mut hex = [0u8; 32];
+    for (i, v) in [seed, n].into_iter().enumerate() {
+        for (j, d) in hex[i * 16..(i + 1) * 16].iter_mut().enumerate() {
+            *d = b"0123456789abcdef"[((v >> (60 - 4 * j)) & 0xf) as usize];
+        }
+    }
+    hex
 }
 
 #[derive(Deserialize)]
@@ -1108,6 +1118,23 @@ mod tests {
             let mut want: Value = serde_json::from_slice(&bytes).unwrap();
             want["model"] = Value::String(name);
             prop_assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), want);
+        }
+    }
+
+    /// Issue 11, item 1: the request id written without `format!` is the
+    /// same text as `{seed:016x}{n:016x}`.
+    #[test]
+    fn issue11_generated_request_id_is_seed_and_counter_in_hex() {
+        for (seed, n) in [
+            (0u64, 0u64),
+            (u64::MAX, 1),
+            (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210),
+        ] {
+            let hex = super::hex_id(seed, n);
+            assert_eq!(
+                std::str::from_utf8(&hex).unwrap(),
+                format!("{seed:016x}{n:016x}")
+            );
         }
     }
 
