@@ -184,8 +184,6 @@ pub struct Auth {
     keys: Vec<ApiKey>,
     /// The keys' names as label values, by index.
     names: Vec<crate::metrics::Name>,
-    per_minute: u32,
-    burst: u32,
     limiter: Arc<KeyLimiter>,
 }
 
@@ -195,22 +193,25 @@ impl Auth {
             limiter: Arc::new(KeyLimiter::new(per_minute, burst)),
             names: names(&keys),
             keys,
-            per_minute,
-            burst,
         }
     }
 
-    /// Keeps the old limiter's state when keys and limits are unchanged (reload).
+    /// Carries the old limiter's state over a reload, by key: a key that
+    /// stays keeps its state (re-scaled when the limits change), a removed
+    /// key's state is dropped once the new `Auth` is in use, a new key starts
+    /// with its full burst. Changes nothing until the new `Auth` is used.
     pub fn reloaded(old: Option<&Auth>, keys: Vec<ApiKey>, per_minute: u32, burst: u32) -> Auth {
         match old {
-            Some(o) if o.keys == keys && o.per_minute == per_minute && o.burst == burst => Auth {
-                limiter: o.limiter.clone(),
+            Some(o) => Auth {
+                limiter: Arc::new(o.limiter.reloaded(
+                    per_minute,
+                    burst,
+                    keys.iter().map(|k| k.secret.as_slice()),
+                )),
                 names: names(&keys),
                 keys,
-                per_minute,
-                burst,
             },
-            _ => Auth::new(keys, per_minute, burst),
+            None => Auth::new(keys, per_minute, burst),
         }
     }
 
@@ -241,8 +242,11 @@ impl Auth {
 
     /// Counts one request against key `idx`'s rate limit.
     pub fn admit(&self, idx: usize) -> Result<(), GatewayError> {
+        let Some(key) = self.keys.get(idx) else {
+            return Err(GatewayError::BadKey);
+        };
         self.limiter
-            .check(idx)
+            .check(&key.secret)
             .map_err(|retry_after| GatewayError::RateLimited { retry_after })
     }
 
@@ -295,6 +299,31 @@ mod tests {
 #[cfg(test)]
 mod issue12 {
     use super::*;
+
+    /// Review of issue 12, item 2: with 100/min and burst 10, 12 quick
+    /// requests gave 10x200 + 2x429; a reload that added a key reset the
+    /// limit and the next 12 got 10x200 again. A surviving key now keeps its
+    /// state (the same key on another line too), a new key gets its burst.
+    #[test]
+    fn review_reload_keeps_a_surviving_keys_rate_limit() {
+        let k = |c: char, name: &str| ApiKey {
+            secret: c.to_string().repeat(MIN_KEY_LEN).into_bytes(),
+            name: name.to_owned(),
+        };
+        let bearer = |c: char| format!("Bearer {}", c.to_string().repeat(MIN_KEY_LEN));
+        let burst = |a: &Auth, c: char| {
+            (0..12)
+                .filter(|_| a.check(Some(bearer(c).as_bytes())).is_ok())
+                .count()
+        };
+        let old = Auth::new(vec![k('a', "alice")], 100, 10);
+        assert_eq!(burst(&old, 'a'), 10);
+        let new = Auth::reloaded(Some(&old), vec![k('b', "bob"), k('a', "alice")], 100, 10);
+        assert!(burst(&new, 'a') <= 2, "the reload reset the surviving key");
+        assert_eq!(burst(&new, 'b'), 10);
+        let limits = Auth::reloaded(Some(&new), vec![k('a', "alice")], 120, 10);
+        assert!(burst(&limits, 'a') <= 2, "a change of limits reset the key");
+    }
 
     fn keys_file(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
