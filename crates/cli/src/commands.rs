@@ -89,8 +89,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             // Units are installed only with every GPU bound to its device on
             // this host: an unresolved GPU model would start and see no GPU.
             let gpus = gpu::resolve_on(&ctx.root, s);
-            if !gpus.unresolved.is_empty() {
-                err!("{}", gpu_report(&ctx, gpus.unresolved_as_errors()));
+            if !gpus.unresolved.is_empty() || !gpus.errors.is_empty() {
+                let errors = gpus
+                    .errors
+                    .iter()
+                    .cloned()
+                    .chain(gpus.unresolved_as_errors());
+                err!("{}", gpu_report(&ctx, errors.collect()));
                 return Ok(ExitCode::from(EXIT_INVALID));
             }
             if !gpus.warnings.is_empty() {
@@ -375,6 +380,9 @@ fn render(ctx: &Ctx, out: Option<PathBuf>) -> Result<ExitCode> {
     if !gpus.diagnostics().is_empty() {
         errln!("{}", gpu_report(ctx, gpus.diagnostics()));
     }
+    if !gpus.errors.is_empty() {
+        return Ok(ExitCode::from(EXIT_INVALID));
+    }
     let rendered = citadel_render::render_with(&loaded.settings, &gpus.host);
     let files: Vec<(PathBuf, String)> = rendered
         .files
@@ -441,6 +449,11 @@ fn validate(ctx: &Ctx, bin_dir: Option<PathBuf>) -> Result<ExitCode> {
     );
     if !warnings.is_empty() {
         errln!("{warnings}");
+    }
+    if !gpus.errors.is_empty() {
+        outln!("config   {}: invalid", ctx.config.display())?;
+        outln!("validate: FAILED")?;
+        return Ok(ExitCode::from(EXIT_INVALID));
     }
     outln!(
         "config   {}: ok ({} models, gateway on {}:{})",

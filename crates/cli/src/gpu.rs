@@ -315,8 +315,12 @@ pub struct Resolution {
     /// `install`, errors: see [`Resolution::unresolved_as_errors`]).
     pub unresolved: Vec<Diagnostic>,
     /// Models sharing a GPU that only resolution shows (an index and a UUID of
-    /// one GPU) whose memory shares add up past 1.0.
+    /// one GPU) whose memory shares add up past 1.0, and GPUs used whole by
+    /// one model while another uses a MIG device on them.
     pub warnings: Vec<Diagnostic>,
+    /// Models naming one physical GPU twice (`gpus = [0, "GPU-<uuid of 0>"]`):
+    /// errors for every command, at the entry (key `models.NAME.gpus[I]`).
+    pub errors: Vec<Diagnostic>,
 }
 
 impl Resolution {
@@ -330,10 +334,12 @@ impl Resolution {
             .collect()
     }
 
-    /// Every diagnostic, as warnings (for `render` and `validate`).
+    /// Every diagnostic: unresolved GPUs as warnings (for `render` and
+    /// `validate`), duplicate GPUs as errors.
     pub fn diagnostics(&self) -> Vec<Diagnostic> {
-        self.unresolved
+        self.errors
             .iter()
+            .chain(&self.unresolved)
             .chain(&self.warnings)
             .cloned()
             .collect()
@@ -383,9 +389,15 @@ pub fn resolve(settings: &Settings, devices: &Result<Vec<DeviceInfo>, DriverErro
             );
         }
     }
+    out.errors = duplicate_gpus(settings, &out.host);
     let host = &out.host;
+    // Shared by the same models under the same text: the config's check
+    // reported it already (it was printed twice).
+    let by_text: BTreeSet<Vec<&str>> = shared_gpus(&settings.models, GpuRef::to_string)
+        .iter()
+        .map(|s| s.models.iter().map(|m| m.name.as_str()).collect())
+        .collect();
     for shared in shared_gpus(&settings.models, |r| host.identity(r)) {
-        // Named the same way by every model: the config's check reported it.
         let names: BTreeSet<String> = shared
             .models
             .iter()
@@ -393,13 +405,80 @@ pub fn resolve(settings: &Settings, devices: &Result<Vec<DeviceInfo>, DriverErro
             .filter(|r| host.identity(r) == shared.gpu)
             .map(ToString::to_string)
             .collect();
-        if names.len() < 2 {
+        let models: Vec<&str> = shared.models.iter().map(|m| m.name.as_str()).collect();
+        if names.len() < 2 || by_text.contains(&models) {
             continue;
         }
         // "GPU 0 (GPU-5d5b...)": the other names of the GPU, then its UUID.
         let others: Vec<String> = names.into_iter().filter(|n| *n != shared.gpu).collect();
         let gpu = format!("{} ({})", others.join(", "), shared.gpu);
         out.warnings.extend(overcommit_warning(&shared, &gpu));
+    }
+    out.warnings.extend(mig_and_whole(settings, &out.host));
+    out
+}
+
+/// The entries of one model that name one physical GPU twice: the same UUID,
+/// or the same device minor where one of them is the whole GPU (two MIG
+/// devices of one GPU are two devices).
+fn duplicate_gpus(settings: &Settings, host: &Host) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    for m in &settings.models {
+        let mut seen: Vec<(&GpuRef, &GpuBinding)> = Vec::new();
+        for (i, r) in m.gpus.iter().enumerate() {
+            let Some(b) = host.gpus.get(r) else { continue };
+            let same = seen.iter().find(|(o, ob)| {
+                ob.uuid == b.uuid || (ob.minor == b.minor && (!o.is_mig() || !r.is_mig()))
+            });
+            if let Some((other, _)) = same {
+                out.push(
+                    Diagnostic::error(
+                        format!("models.{}.gpus[{i}]", m.name),
+                        format!(
+                            "model `{}` names one GPU twice: {r} is {other} on this host ({}, /dev/nvidia{})",
+                            m.name, b.uuid, b.minor
+                        ),
+                    )
+                    .help("list every GPU once: the engine would count it twice (e.g. `--tensor-parallel-size 2` on one GPU)"),
+                );
+            } else {
+                seen.push((r, b));
+            }
+        }
+    }
+    out
+}
+
+/// A GPU that one model uses whole while a model uses a MIG device on it:
+/// with MIG mode on, CUDA cannot use the GPU whole, and without it the MIG
+/// device does not exist; either way the two models compete for one GPU.
+fn mig_and_whole(settings: &Settings, host: &Host) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
+    for whole in &settings.models {
+        for r in whole.gpus.iter().filter(|r| !r.is_mig()) {
+            let Some(b) = host.gpus.get(r) else { continue };
+            for m in &settings.models {
+                if m.name == whole.name {
+                    continue;
+                }
+                for mig in m.gpus.iter().filter(|g| g.is_mig()) {
+                    let on_it = host.gpus.get(mig).is_some_and(|mb| mb.minor == b.minor);
+                    if on_it && seen.insert((whole.name.to_string(), m.name.to_string(), b.minor)) {
+                        out.push(
+                            Diagnostic::warning(
+                                format!("models.{}.gpus", m.name),
+                                format!(
+                                    "{r} ({}) is used whole by `{}` while `{}` uses its MIG device {mig}: with MIG mode on, CUDA cannot use the GPU whole",
+                                    b.uuid, whole.name, m.name
+                                ),
+                            )
+                            .help("give the whole-GPU model another GPU, or a MIG device of its own (docs/gpus.md)"),
+                        );
+                    }
+                }
+            }
+        }
     }
     out
 }
@@ -453,18 +532,20 @@ pub fn locate(source: &str, diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
     let Ok(doc) = toml_edit::ImDocument::parse(source) else {
         return diags;
     };
+    // `models.NAME.gpus`, or `models.NAME.gpus[I]` for entry I.
     let span_of = |key: &str| -> Option<std::ops::Range<usize>> {
+        let (key, entry) = match key.strip_suffix(']').and_then(|k| k.rsplit_once("[")) {
+            Some((k, i)) => (k, i.parse::<usize>().ok()),
+            None => (key, None),
+        };
         let model = key.strip_prefix("models.")?.strip_suffix(".gpus")?;
-        let own = doc
+        let item = doc
             .get("models")
             .and_then(|m| m.get(model))
             .and_then(|m| m.get("gpus"))
-            .and_then(toml_edit::Item::span);
-        own.or_else(|| {
-            doc.get("model_defaults")
-                .and_then(|m| m.get("gpus"))
-                .and_then(toml_edit::Item::span)
-        })
+            .or_else(|| doc.get("model_defaults").and_then(|m| m.get("gpus")))?;
+        let at = entry.and_then(|i| item.as_array()?.get(i)?.span());
+        at.or_else(|| item.span())
     };
     diags
         .into_iter()

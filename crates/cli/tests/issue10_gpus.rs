@@ -243,3 +243,94 @@ fn issue10_gpu_driver_locations_can_be_overridden() {
         out.stderr()
     );
 }
+
+/// Review of issue 10, item 5: one model could name one GPU twice
+/// (`gpus = [0, "GPU-<uuid of 0>"]`): it passed validate, rendered
+/// `CUDA_VISIBLE_DEVICES=UUID,UUID` (the engine counted two GPUs) and the
+/// shared-memory warning was printed twice. Now every command refuses it,
+/// at the entry, and the warning is printed once.
+#[test]
+fn review_gpu_same_gpu_twice_in_one_model_is_refused() {
+    let cli = Cli::new();
+    let smi = fake_driver(&cli);
+    cli.write_config(
+        &(model("a", 11400, &format!("[0, \"{UUID_A}\"]"), "")
+            + &model(
+                "b",
+                11401,
+                &format!("[\"{UUID_A}\"]"),
+                "gpu_memory_utilization = 0.5\n",
+            )),
+    );
+    let dir = bin_dir();
+    let want = format!("error: model `a` names one GPU twice: {UUID_A} is GPU 0 on this host ({UUID_A}, /dev/nvidia1)");
+    for args in [
+        vec!["validate", "--bin-dir", dir.to_str().unwrap()],
+        vec!["render"],
+        vec!["install", "--dry-run", "--bin-dir", dir.to_str().unwrap()],
+    ] {
+        let out = cli.run_with_path(&smi, &args);
+        out.expect_code(1);
+        let err = out.stderr();
+        assert!(err.contains(&want), "{args:?}: {err}");
+        // At the second entry of line 5, `gpus = [0, "GPU-..."]`.
+        assert!(
+            err.contains("citadel.toml:5:12  (models.a.gpus[1])"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(
+            err.matches("is shared by").count(),
+            usize::from(args[0] != "install"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!cli
+        .path("/opt/citadel/config/systemd/citadel-model@a.service.d/50-citadel.conf")
+        .exists());
+
+    // The same minor through a MIG device and its whole GPU, and the same
+    // GPU by index and UUID in the other order: refused too.
+    cli.write_config(&model("a", 11400, &format!("[\"{MIG}\", 0]"), ""));
+    let out = cli.run_with_path(&smi, &["render"]);
+    out.expect_code(1);
+    assert!(
+        out.stderr()
+            .contains("model `a` names one GPU twice: GPU 0 is"),
+        "{}",
+        out.stderr()
+    );
+    cli.write_config(&model("a", 11400, &format!("[\"{UUID_B}\", 1]"), ""));
+    cli.run_with_path(&smi, &["render"]).expect_code(1);
+    // Two different GPUs are fine.
+    cli.write_config(&model("a", 11400, &format!("[0, \"{UUID_B}\"]"), ""));
+    cli.run_with_path(&smi, &["render"]).expect_code(0);
+}
+
+/// Review of issue 10, item 5: a MIG device of a GPU that another model uses
+/// whole got no warning; now validate and render warn, naming both.
+#[test]
+fn review_gpu_mig_device_of_a_gpu_used_whole_is_warned() {
+    let cli = Cli::new();
+    let smi = fake_driver(&cli);
+    cli.write_config(
+        &(model("a", 11400, "[0]", "") + &model("b", 11401, &format!("[\"{MIG}\"]"), "")),
+    );
+    let out = cli.run_with_path(&smi, &["render"]);
+    out.expect_code(0);
+    let err = out.stderr();
+    assert!(
+        err.contains(&format!(
+            "warning: GPU 0 ({UUID_A}) is used whole by `a` while `b` uses its MIG device {MIG}"
+        )),
+        "{err}"
+    );
+    assert_eq!(err.matches("is used whole by").count(), 1, "{err}");
+    assert!(err.contains("(models.b.gpus)"), "{err}");
+    // Another GPU whole: no warning.
+    cli.write_config(
+        &(model("a", 11400, "[1]", "") + &model("b", 11401, &format!("[\"{MIG}\"]"), "")),
+    );
+    let out = cli.run_with_path(&smi, &["render"]);
+    out.expect_code(0);
+    assert!(!out.stderr().contains("used whole"), "{}", out.stderr());
+}
