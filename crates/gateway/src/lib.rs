@@ -60,7 +60,12 @@ pub(crate) struct Shared {
     pub(crate) client: UpstreamClient,
     pub(crate) ids: AtomicU64,
     pub(crate) id_seed: u64,
+    /// Set after the closing phase of a shutdown (SIGTERM): API requests
+    /// still read are refused (503 `shutting_down`) and the probers stop.
     pub(crate) stopping: AtomicBool,
+    /// Set at the start of a shutdown: every response says `Connection:
+    /// close` (see [`Server::shutdown`]).
+    pub(crate) closing: AtomicBool,
     pub(crate) stop_notify: Notify,
     pub(crate) status_changed: Notify,
     /// Woken after every health probe (the first probes before serving).
@@ -262,11 +267,23 @@ fn load_auth(
     )))
 }
 
+/// Where a shutdown is (see [`Server::shutdown`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// The listener is closed; connections stay open and every response
+    /// carries `Connection: close`.
+    Closing,
+    /// Connections still open are shut down gracefully (idle ones closed,
+    /// in-flight requests and streams finish).
+    Closed,
+}
+
 /// A running gateway (in-process).
 pub struct Server {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    shutdown_tx: watch::Sender<bool>,
+    shutdown_tx: watch::Sender<Phase>,
     accept_task: JoinHandle<()>,
     conns_rx: mpsc::Receiver<()>,
 }
@@ -300,6 +317,7 @@ pub async fn start(
         via,
         loopback_only: addr.ip().is_loopback(),
         stopping: AtomicBool::new(false),
+        closing: AtomicBool::new(false),
         stop_notify: Notify::new(),
         status_changed: Notify::new(),
         probed: Notify::new(),
@@ -312,7 +330,7 @@ pub async fn start(
         routes::spawn_prober(shared.clone(), b);
     }
     first_probes(&shared, FIRST_PROBE_DEADLINE).await;
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = watch::channel(Phase::Serving);
     let (conns_tx, conns_rx) = mpsc::channel::<()>(1);
     let accept_task = tokio::spawn(accept_loop(shared.clone(), listener, shutdown_rx, conns_tx));
     Ok(Server {
@@ -391,7 +409,7 @@ fn status_line(shared: &Shared) -> String {
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
-    mut shutdown_rx: watch::Receiver<bool>,
+    mut shutdown_rx: watch::Receiver<Phase>,
     conns_tx: mpsc::Sender<()>,
 ) {
     let watchdog = sd_notify::watchdog_enabled();
@@ -435,7 +453,7 @@ async fn serve_conn(
     shared: Arc<Shared>,
     stream: tokio::net::TcpStream,
     peer: std::net::IpAddr,
-    mut shutdown_rx: watch::Receiver<bool>,
+    mut shutdown_rx: watch::Receiver<Phase>,
     _guard: mpsc::Sender<()>,
 ) {
     let header_timeout = shared.table().gateway.header_timeout.duration();
@@ -449,7 +467,7 @@ async fn serve_conn(
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
-        _ = async { let _ = shutdown_rx.wait_for(|s| *s).await; } => {
+        _ = async { let _ = shutdown_rx.wait_for(|p| *p == Phase::Closed).await; } => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
@@ -529,14 +547,34 @@ impl Server {
 
     /// Stops accepting, lets in-flight requests and streams finish up to
     /// `deadline`, then returns whether everything finished in time.
+    ///
+    /// In two phases (issue 11: 2 of 2,400 kept-alive requests failed across
+    /// a restart). Closing the idle keep-alive connections at once raced with
+    /// clients that had just sent their next request on one: they got an
+    /// empty reply or a reset. So first the listener closes (under systemd
+    /// the socket stays with PID 1 and new connections wait in its backlog
+    /// for the next process) and, for [`CLOSING_PHASE`] (at most `deadline`)
+    /// or until every connection has gone, each response carries
+    /// `Connection: close`: a client gets one more full answer on its
+    /// connection and closes it itself. Only then are the connections still
+    /// open (idle ones, and those with a request or stream in flight, which
+    /// finish) shut down gracefully.
     pub async fn shutdown(mut self, deadline: Duration) -> bool {
-        self.shared.stopping.store(true, Relaxed);
-        self.shared.stop_notify.notify_waiters();
-        let _ = self.shutdown_tx.send(true);
+        let started = tokio::time::Instant::now();
+        self.shared.closing.store(true, SeqCst);
+        let _ = self.shutdown_tx.send(Phase::Closing);
+        // The accept loop ends and drops the listener.
         let _ = (&mut self.accept_task).await;
-        let drained = tokio::time::timeout(deadline, self.conns_rx.recv())
+        let all_closed = tokio::time::timeout(CLOSING_PHASE.min(deadline), self.conns_rx.recv())
             .await
             .is_ok();
+        self.shared.stopping.store(true, Relaxed);
+        self.shared.stop_notify.notify_waiters();
+        let _ = self.shutdown_tx.send(Phase::Closed);
+        let drained = all_closed
+            || tokio::time::timeout_at(started + deadline, self.conns_rx.recv())
+                .await
+                .is_ok();
         if !drained {
             tracing::warn!(
                 ?deadline,
@@ -546,6 +584,11 @@ impl Server {
         drained
     }
 }
+
+/// How long a shutdown answers every request with `Connection: close` before
+/// it closes the connections left idle (see [`Server::shutdown`]): clients
+/// sending back to back get their last answer within it.
+pub const CLOSING_PHASE: Duration = Duration::from_secs(1);
 
 /// How the binary is started.
 #[derive(Debug)]
@@ -648,7 +691,11 @@ pub async fn run_service(opts: ServiceOptions) -> Result<(), StartError> {
     }
     let deadline = server.shared.table().gateway.drain_timeout.duration();
     notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
-    tracing::info!(?deadline, "stopping: draining in-flight requests");
+    tracing::info!(
+        ?deadline,
+        "stopping: listener closed; answering with `Connection: close` for up to {:?}, then draining in-flight requests",
+        CLOSING_PHASE.min(deadline)
+    );
     let drained = server.shutdown(deadline).await;
     tracing::info!(drained, "stopped");
     Ok(())

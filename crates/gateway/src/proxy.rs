@@ -337,6 +337,13 @@ pub async fn handle(
         }
     };
     resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
+    if shared.closing.load(Relaxed) {
+        // Shutting down: the client closes this connection after this answer
+        // (hyper closes it too), instead of the gateway closing it under a
+        // request the client is sending (see `Server::shutdown`).
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Some(o) = origin {
         cors(&table, &o, resp.headers_mut());
     }
