@@ -20,7 +20,8 @@
 //!   operator's config wins once installed, and the user and group are the
 //!   same either way;
 //! - `/usr/share/doc/citadel/`: README, docs, example configs, `copyright`
-//!   (Apache-2.0, Debian's format) and `changelog.Debian.gz`;
+//!   (Apache-2.0, Debian's format) and `changelog.gz` (the name for a native
+//!   package: the version has no Debian revision);
 //! - no unit: the stack's units are rendered from the operator's config by
 //!   `citadel-systemd install` (even the gateway's socket takes its port from
 //!   it), so none is static;
@@ -171,7 +172,7 @@ fn stage_tree(stage: &Path, bins: &Path, version: &str) -> Result<()> {
     )?;
 
     // Man pages and completions, from the binaries just built.
-    let scratch = stage.with_extension("assets");
+    let scratch = PathBuf::from(format!("{}.assets", stage.display()));
     if scratch.exists() {
         fs::remove_dir_all(&scratch)?;
     }
@@ -256,10 +257,7 @@ fn stage_tree(stage: &Path, bins: &Path, version: &str) -> Result<()> {
         )?;
     }
     copy(&pkg.join("copyright"), &doc.join("copyright"), 0o644)?;
-    gzip_into(
-        changelog(version)?.as_bytes(),
-        &doc.join("changelog.Debian.gz"),
-    )?;
+    gzip_into(changelog(version)?.as_bytes(), &doc.join("changelog.gz"))?;
     copy(
         &pkg.join("lintian-overrides"),
         &stage.join("usr/share/lintian/overrides/citadel"),
@@ -349,7 +347,7 @@ fn changelog(version: &str) -> Result<String> {
 /// `dpkg-shlibdeps` over the binaries: `libc6 (>= ...), libgcc-s1 (>= ...)`.
 fn shlib_depends(stage: &Path, bin_dir: &Path) -> Result<String> {
     // dpkg-shlibdeps wants a source package's debian/control around it.
-    let dir = stage.with_extension("shlibdeps");
+    let dir = PathBuf::from(format!("{}.shlibdeps", stage.display()));
     mkdir(&dir.join("debian"))?;
     write(
         &dir.join("debian/control"),

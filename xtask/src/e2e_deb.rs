@@ -90,7 +90,7 @@ pub fn run(args: Vec<String>) -> Result<()> {
 /// lintian: no errors; warnings (and overridden tags) listed.
 fn lintian(r: &mut Report, deb: &Path) {
     let out = Command::new("lintian")
-        .args(["--no-tag-display-limit", "--show-overrides"])
+        .args(["--tag-display-limit", "0", "--show-overrides"])
         .arg(deb)
         .output();
     let text = match out {
