@@ -451,8 +451,19 @@ pub async fn install(
     if settings.gateway.auth && ensure_api_key(&api_keys)? {
         manifest.files.insert(logical(&api_keys));
     }
-    // What Citadel wrote, for `uninstall --purge`.
-    for p in ours.iter().filter(|p| **p != api_keys) {
+    // What Citadel wrote, for `uninstall --purge`. A binary installed from
+    // where it already is (the Debian package puts it in place and its
+    // postinst runs `install`) is dpkg's, not Citadel's: purge must not remove it.
+    let in_place: std::collections::BTreeSet<&PathBuf> = plan
+        .binaries
+        .iter()
+        .filter(|(source, target)| same_file(source, target))
+        .map(|(_, target)| target)
+        .collect();
+    for p in ours
+        .iter()
+        .filter(|p| **p != api_keys && !in_place.contains(p))
+    {
         manifest.files.insert(logical(p));
     }
     for p in &plan.changes.removed {
@@ -712,6 +723,15 @@ fn run_tool(tool: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether `a` and `b` are the same file (same device and inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 fn same_file_contents(a: &Path, b: &Path) -> bool {

@@ -492,6 +492,53 @@ fn issue9_purge_keeps_model_weights_a_venv_and_foreign_files() {
     assert!(s.contains("holds files Citadel did not write"), "{s}");
 }
 
+/// Issue 13: the Debian package puts the binaries in /opt/citadel/bin and its
+/// postinst runs `install` from there. Those files are dpkg's: an operator's
+/// `uninstall --purge` must leave them to `dpkg -P`, while still purging what
+/// Citadel itself wrote.
+#[test]
+fn issue13_purge_leaves_binaries_installed_in_place_to_the_package() {
+    use std::os::unix::fs::PermissionsExt;
+    if !as_root() {
+        return;
+    }
+    let cli = Cli::new();
+    cli.write_config(ONE_MODEL);
+    let (fakes, _) = fake_tools(&cli);
+    let packaged = cli.path("/opt/citadel/bin");
+    std::fs::create_dir_all(&packaged).unwrap();
+    std::fs::set_permissions(&packaged, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let built = harness::bin_dir();
+    for bin in [
+        "citadel-systemd",
+        "citadel-model",
+        "citadel-gateway",
+        "citadel-engine-sim",
+    ] {
+        if built.join(bin).is_file() {
+            std::fs::copy(built.join(bin), packaged.join(bin)).unwrap();
+        }
+    }
+    cli.run_with_path(
+        &fakes,
+        &["install", "--bin-dir", packaged.to_str().unwrap()],
+    )
+    .expect_code(0);
+    cli.run_with_path(&fakes, &["uninstall", "--purge"])
+        .expect_code(0);
+    for bin in ["citadel-systemd", "citadel-model", "citadel-gateway"] {
+        assert!(
+            packaged.join(bin).is_file(),
+            "purge removed the package's {bin}"
+        );
+    }
+    assert!(
+        !cli.path("/usr/local/lib/systemd/system/citadel-gateway.service")
+            .exists(),
+        "purge left Citadel's own units"
+    );
+}
+
 /// Issue 9, item 13: with `credentials` pointing at an existing directory of
 /// other files, install applied `d DIR 0700 root root` to it (and purge then
 /// deleted it). Install now refuses before changing anything; the directory,
