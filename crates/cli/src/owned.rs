@@ -209,6 +209,15 @@ pub fn plan_dirs(
             plan.created.push(d.path.clone());
             continue;
         }
+        // `/var/lib/citadel` and `/var/cache/citadel` are fixed names (not
+        // configurable), the bases of the units' StateDirectory= and
+        // CacheDirectory=: what they hold was written by Citadel's services,
+        // e.g. an engine's compiled kernels kept from an earlier install whose
+        // `citadel` user had another uid. Citadel's by name, taken over.
+        if d.purge == Purge::Whole {
+            plan.created.push(d.path.clone());
+            continue;
+        }
         let wanted_uid = id_of(root, "passwd", &d.owner);
         let wanted_gid = id_of(root, "group", &d.group);
         let foreign: Vec<String> = if meta.is_dir() {

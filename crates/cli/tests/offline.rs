@@ -539,6 +539,33 @@ fn issue13_purge_leaves_binaries_installed_in_place_to_the_package() {
     );
 }
 
+/// The engine tiers keep `/var/cache/citadel` (compiled kernels) across
+/// installs; its entries belong to an earlier install's `citadel` uid, which
+/// does not exist yet. The state and cache bases are Citadel's by name: install
+/// takes them over instead of refusing (the vLLM tier's second run failed so).
+#[test]
+fn issue9_install_takes_over_its_own_cache_from_an_earlier_install() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    if !as_root() {
+        return;
+    }
+    let cli = Cli::new();
+    cli.write_config(ONE_MODEL);
+    let (fakes, _) = fake_tools(&cli);
+    let cache = cli.path("/var/cache/citadel");
+    std::fs::create_dir_all(cache.join("tiny-a")).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o750)).unwrap();
+    chown(&cache, Some(995), Some(995)).unwrap();
+    chown(cache.join("tiny-a"), Some(995), Some(995)).unwrap();
+    let bin_dir = harness::bin_dir();
+    cli.run_with_path(&fakes, &["install", "--bin-dir", bin_dir.to_str().unwrap()])
+        .expect_code(0);
+    assert!(
+        cache.join("tiny-a").is_dir(),
+        "the cache's contents are kept"
+    );
+}
+
 /// Issue 9, item 13: with `credentials` pointing at an existing directory of
 /// other files, install applied `d DIR 0700 root root` to it (and purge then
 /// deleted it). Install now refuses before changing anything; the directory,
