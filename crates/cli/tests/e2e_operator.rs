@@ -194,16 +194,18 @@ args = ["--load-time", "60s", "--tokens-per-second", "200"]
         );
         assert_eq!(st.show(&unit("slowload"), "ActiveState"), "activating");
     });
-    // The gateway became active long before the slow model was ready.
-    assert!(
-        st.show_u64(GATEWAY, "ActiveEnterTimestampMonotonic")
-            < st.show_u64(&unit("slowload"), "ActiveEnterTimestampMonotonic"),
-        "the gateway waited for the slow model"
-    );
     st.wait(
         "the gateway admits slowload once it is ready",
-        Duration::from_secs(20),
+        Duration::from_secs(90),
         || listed_models(&st).iter().any(|m| m == "slowload"),
+    );
+    // The gateway became active long before the slow model was ready (both
+    // timestamps exist only now: a unit never active has none).
+    let gateway_at = st.show_u64(GATEWAY, "ActiveEnterTimestampMonotonic");
+    let slow_at = st.show_u64(&unit("slowload"), "ActiveEnterTimestampMonotonic");
+    assert!(
+        gateway_at > 0 && gateway_at + 30_000_000 < slow_at,
+        "the gateway waited for the slow model: active at {gateway_at} us, slowload at {slow_at} us"
     );
     assert_eq!(st.chat("slowload").0, 200);
     let health = st.cli(&["health"]);
