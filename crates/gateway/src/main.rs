@@ -45,6 +45,8 @@ fn main() -> std::process::ExitCode {
             .render(&mut out)
         {
             Ok(()) => std::process::ExitCode::SUCCESS,
+            // A closed stdout (`| head`) is a normal end, as for every binary.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("citadel-gateway: cannot write the man page: {e}");
                 std::process::ExitCode::FAILURE
