@@ -22,43 +22,6 @@ const RATE_PER_MODEL: u32 = 75;
 /// How long each step's load runs.
 const LOAD_SECS: u32 = 8;
 
-/// `n` chat completions for `model` at `RATE_PER_MODEL`/s on a kept-alive
-/// connection; one line per request: `HTTP_CODE CURL_EXIT MESSAGE`.
-fn load(st: &Stack, model: &str, key: &str, n: u32) -> Vec<String> {
-    let auth = format!("Authorization: Bearer {key}");
-    let body = format!(
-        r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":2}}"#
-    );
-    let rate = format!("{RATE_PER_MODEL}/s");
-    let url = format!("http://127.0.0.1:8000/v1/chat/completions?n=[1-{n}]");
-    let out = st
-        .sb
-        .exec(&[
-            "curl",
-            "-s",
-            "--rate",
-            &rate,
-            "-m",
-            "10",
-            "-H",
-            &auth,
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            &body,
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{exitcode} %{errormsg}\\n",
-            &url,
-        ])
-        .expect("run curl in the sandbox");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Requests the gateway answered so far (all models, all statuses).
 fn gateway_requests(st: &Stack) -> u64 {
     let (_, body) = st.http("GET", "http://127.0.0.1:8000/metrics", None, None);
@@ -76,7 +39,7 @@ fn under_load(st: &Stack, key: &str, what: &str, action: impl FnOnce()) -> (usiz
     let outcomes: Vec<String> = std::thread::scope(|s| {
         let loads: Vec<_> = MODELS
             .iter()
-            .map(|m| s.spawn(move || load(st, m, key, n)))
+            .map(|m| s.spawn(move || st.chat_load(m, key, n, RATE_PER_MODEL)))
             .collect();
         let base = gateway_requests(st);
         st.wait(

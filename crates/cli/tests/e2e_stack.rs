@@ -523,46 +523,6 @@ memory_high = "88M"
 /// Requests per second that each model's load generator sends.
 const LOAD_RATE_PER_MODEL: u32 = 50;
 
-/// Sends `n` chat completions for `model` through the gateway at
-/// `LOAD_RATE_PER_MODEL`/s, one after another on a kept-alive connection
-/// (curl inside the sandbox, loopback only); returns the outcome of each:
-/// `HTTP_CODE CURL_EXIT MESSAGE`.
-fn load(st: &Stack, model: &str, key: &str, n: u32) -> Vec<String> {
-    let auth = format!("Authorization: Bearer {key}");
-    let body = format!(
-        r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":2}}"#
-    );
-    let rate = format!("{LOAD_RATE_PER_MODEL}/s");
-    // The glob makes `n` requests of one curl; the gateway ignores the query.
-    let url = format!("http://127.0.0.1:8000/v1/chat/completions?n=[1-{n}]");
-    let out = st
-        .sb
-        .exec(&[
-            "curl",
-            "-s",
-            "--rate",
-            &rate,
-            "-m",
-            "10",
-            "-H",
-            &auth,
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            &body,
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{exitcode} %{errormsg}\\n",
-            &url,
-        ])
-        .expect("run curl in the sandbox");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 /// The gateway's `/health`: completed reloads and whether the last failed.
 fn gateway_reloads(st: &Stack) -> (u64, String) {
     let (code, body) = st.http("GET", "http://127.0.0.1:8000/health", None, None);
@@ -637,7 +597,10 @@ fn issue9_broken_config_reload_keeps_serving() {
             .iter()
             .map(|m| {
                 let (st, key) = (&st, &key);
-                (*m, s.spawn(move || load(st, m, key, per_model)))
+                (
+                    *m,
+                    s.spawn(move || st.chat_load(m, key, per_model, LOAD_RATE_PER_MODEL)),
+                )
             })
             .collect();
         st.wait(

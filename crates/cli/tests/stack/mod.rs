@@ -238,3 +238,45 @@ pub const MODELS: [&str; 4] = ["mixtral", "hermes", "openchat", "phi3"];
 pub fn unit(model: &str) -> String {
     format!("citadel-model@{model}.service")
 }
+
+impl Stack {
+    /// Sends `n` chat completions for `model` through the gateway at `rate`
+    /// per second, one after another on a kept-alive connection (curl inside
+    /// the sandbox, loopback only); returns the outcome of each request:
+    /// `HTTP_CODE CURL_EXIT MESSAGE`.
+    pub fn chat_load(&self, model: &str, key: &str, n: u32, rate: u32) -> Vec<String> {
+        let auth = format!("Authorization: Bearer {key}");
+        let body = format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":2}}"#
+        );
+        let rate = format!("{rate}/s");
+        // The glob makes `n` requests of one curl; the gateway ignores the query.
+        let url = format!("http://127.0.0.1:8000/v1/chat/completions?n=[1-{n}]");
+        let out = self
+            .sb
+            .exec(&[
+                "curl",
+                "-s",
+                "--rate",
+                &rate,
+                "-m",
+                "10",
+                "-H",
+                &auth,
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &body,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{exitcode} %{errormsg}\\n",
+                &url,
+            ])
+            .expect("run curl in the sandbox");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
