@@ -19,13 +19,7 @@ const GATEWAY: &str = "http://127.0.0.1:8000";
 
 /// The demo stack cut down to one instant-loading model on 11400.
 fn config() -> String {
-    let c = citadel_config::SIM_EXAMPLE_CONFIG
-        .replace("\"--load-time\", \"2s\"", "\"--load-time\", \"0s\"");
-    let head = c
-        .split("[models.mixtral]")
-        .next()
-        .expect("the sim example has models");
-    format!("{head}[models.{MODEL}]\nport = 11400\n")
+    stack::instant_models(&[(MODEL, 11400)])
 }
 
 fn chat_body() -> String {

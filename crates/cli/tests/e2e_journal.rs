@@ -17,13 +17,7 @@ const MODEL: &str = "phi3";
 
 /// The demo stack cut down to one instant-loading model.
 fn config() -> String {
-    let c = citadel_config::SIM_EXAMPLE_CONFIG
-        .replace("\"--load-time\", \"2s\"", "\"--load-time\", \"0s\"");
-    let head = c
-        .split("[models.mixtral]")
-        .next()
-        .expect("the sim example has models");
-    format!("{head}[models.{MODEL}]\nport = 11403\n")
+    stack::instant_models(&[(MODEL, 11403)])
 }
 
 /// `journalctl -o json ARGS` inside: one object per entry.

@@ -24,13 +24,7 @@ const DIR: &str = "/var/lib/citadel-test-prometheus";
 
 /// The demo stack cut down to two instant-loading models.
 fn config() -> String {
-    let c = citadel_config::SIM_EXAMPLE_CONFIG
-        .replace("\"--load-time\", \"2s\"", "\"--load-time\", \"0s\"");
-    let head = c
-        .split("[models.mixtral]")
-        .next()
-        .expect("the sim example has models");
-    format!("{head}[models.{OTHER}]\nport = 11401\n\n[models.{MODEL}]\nport = 11403\n")
+    stack::instant_models(&[(OTHER, 11401), (MODEL, 11403)])
 }
 
 fn asset(name: &str) -> String {

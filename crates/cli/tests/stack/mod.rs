@@ -280,3 +280,18 @@ impl Stack {
             .collect()
     }
 }
+
+/// The demo stack cut down to `models` (name, port), each loading at once.
+pub fn instant_models(models: &[(&str, u16)]) -> String {
+    let c = citadel_config::SIM_EXAMPLE_CONFIG
+        .replace("\"--load-time\", \"2s\"", "\"--load-time\", \"0s\"");
+    let head = c
+        .split("[models.mixtral]")
+        .next()
+        .expect("the sim example has models");
+    let tables: Vec<String> = models
+        .iter()
+        .map(|(name, port)| format!("[models.{name}]\nport = {port}\n"))
+        .collect();
+    format!("{head}{}", tables.join("\n"))
+}
