@@ -30,7 +30,8 @@ pub use gpu::GpuRef;
 pub use host::{check_host, HostFacts};
 pub use network::{EngineNetwork, HostNetworkReason};
 pub use settings::{
-    units as unit_names, Gateway, Limits, Model, ModelName, Paths, Port, ServiceIdentity, Settings,
+    units as unit_names, Gateway, Instance, Limits, Model, ModelName, Paths, Port, ServiceIdentity,
+    Settings, INSTANCE_SEPARATOR, MAX_INSTANCES,
 };
 
 /// Where `citadel.toml` lives unless `--config` or `CITADEL_CONFIG` say otherwise.

@@ -52,6 +52,8 @@ pub const GATEWAY_KEYS: &[&str] = &[
     "tasks_max",
     "nofile",
 ];
+/// The keys of one entry of `[[models.NAME.instances]]`.
+pub const INSTANCE_KEYS: &[&str] = &["port", "gpus"];
 /// The keys of `[models.NAME]` and `[model_defaults]`.
 pub const MODEL_KEYS: &[&str] = &[
     "port",
@@ -63,6 +65,7 @@ pub const MODEL_KEYS: &[&str] = &[
     "gpus",
     "aliases",
     "replicas",
+    "instances",
     "python",
     "binary",
     "command",
@@ -96,7 +99,15 @@ pub fn schema_keys() -> Vec<String> {
             "service" => ("service", SERVICE_KEYS),
             "gateway" => ("gateway", GATEWAY_KEYS),
             "model_defaults" => ("model_defaults", MODEL_KEYS),
-            "models" => ("models.*", MODEL_KEYS),
+            "models" => {
+                out.extend(MODEL_KEYS.iter().map(|k| format!("models.*.{k}")));
+                out.extend(
+                    INSTANCE_KEYS
+                        .iter()
+                        .map(|k| format!("models.*.instances.{k}")),
+                );
+                continue;
+            }
             // A root key whose table is not listed here is reported as itself,
             // so that the documentation test names it.
             other => {
@@ -165,6 +176,13 @@ pub enum RawGpu {
     Text(String),
 }
 
+/// One further local instance of a model (`[[models.NAME.instances]]`).
+#[derive(Debug, Default, Clone)]
+pub struct RawInstance {
+    pub port: Option<S<i64>>,
+    pub gpus: Option<S<Vec<S<RawGpu>>>>,
+}
+
 /// A table of strings with the place of every key and value (`env`, `credentials`).
 pub type StrMap = BTreeMap<S<String>, S<String>>;
 
@@ -179,6 +197,8 @@ pub struct RawModel {
     pub gpus: Option<S<Vec<S<RawGpu>>>>,
     pub aliases: Option<S<Vec<S<String>>>>,
     pub replicas: Option<S<Vec<S<String>>>>,
+    /// Further local instances (issue 15); never taken from `[model_defaults]`.
+    pub instances: Option<S<Vec<S<RawInstance>>>>,
     // engine programs
     pub python: Option<S<String>>,
     pub binary: Option<S<String>>,
@@ -221,6 +241,7 @@ impl RawModel {
             gpus,
             aliases,
             replicas,
+            instances,
             python,
             binary,
             command,
@@ -483,6 +504,59 @@ impl Reader {
         Some(Spanned::new(at.clone(), out))
     }
 
+    /// `instances`: `[[models.NAME.instances]]` tables or an array of inline
+    /// tables, each with `port` and `gpus`.
+    fn instances(
+        &mut self,
+        key: &str,
+        item: &Item,
+        at: &Range<usize>,
+    ) -> Option<S<Vec<S<RawInstance>>>> {
+        let tables: Vec<(&dyn TableLike, Range<usize>)> =
+            if let Some(aot) = item.as_array_of_tables() {
+                aot.iter()
+                    .map(|t| (t as &dyn TableLike, t.span().unwrap_or_else(|| at.clone())))
+                    .collect()
+            } else if let Some(array) = item.as_array() {
+                let mut out = Vec::new();
+                for v in array.iter() {
+                    let vat = v.span().unwrap_or_else(|| at.clone());
+                    match v.as_inline_table() {
+                        Some(t) => out.push((t as &dyn TableLike, vat)),
+                        None => self.wrong_type(
+                            key,
+                            &Item::Value(v.clone()),
+                            &vat,
+                            "a table with `port` (and `gpus`) in the array",
+                        ),
+                    }
+                }
+                out
+            } else {
+                self.wrong_type(
+                    key,
+                    item,
+                    at,
+                    "an array of tables (`[[models.NAME.instances]]`)",
+                );
+                return None;
+            };
+        let mut out = Vec::new();
+        for (t, tat) in tables {
+            let mut inst = RawInstance::default();
+            for (k, v, vat) in self.entries(key, &format!("[[{key}]]"), t, INSTANCE_KEYS) {
+                let path = join_key(key, k);
+                match k {
+                    "port" => inst.port = self.int(&path, v, &vat),
+                    "gpus" => inst.gpus = self.gpus(&path, v, &vat),
+                    _ => unreachable!("entries() yields only keys from INSTANCE_KEYS"),
+                }
+            }
+            out.push(Spanned::new(tat, inst));
+        }
+        Some(Spanned::new(at.clone(), out))
+    }
+
     /// A table of strings whose keys are free (`env`, `credentials`).
     fn str_map(&mut self, key: &str, item: &Item, at: &Range<usize>) -> Option<S<StrMap>> {
         let t = self.table(key, item, at)?;
@@ -607,6 +681,7 @@ impl Reader {
                 "gpus" => m.gpus = self.gpus(k, item, &at),
                 "aliases" => m.aliases = self.strings(k, item, &at),
                 "replicas" => m.replicas = self.strings(k, item, &at),
+                "instances" => m.instances = self.instances(k, item, &at),
                 "python" => m.python = self.string(k, item, &at),
                 "binary" => m.binary = self.string(k, item, &at),
                 "command" => m.command = self.strings(k, item, &at),

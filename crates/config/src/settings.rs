@@ -142,6 +142,26 @@ impl Settings {
         self.models.iter().find(|m| m.name.as_str() == name)
     }
 
+    /// A local instance by its instance name (`phi3` or `phi3:2`, see
+    /// [`Model::instance_name`]): the model it belongs to, its number and the
+    /// model as that instance runs it ([`Model::local_instances`]).
+    pub fn instance(&self, name: &str) -> Option<(&Model, usize, Model)> {
+        let (model, n) = match name.split_once(INSTANCE_SEPARATOR) {
+            None => (name, 1),
+            Some((model, n)) => {
+                // Only the canonical spelling: `phi3:02` or `phi3:1` are not names.
+                let n: usize = n.parse().ok().filter(|n: &usize| *n >= 2)?;
+                (model, n)
+            }
+        };
+        if name.contains(INSTANCE_SEPARATOR) && self.model(model)?.instance_name(n) != name {
+            return None;
+        }
+        let m = self.model(model)?;
+        let (_, inst) = m.local_instances().into_iter().find(|(i, _)| *i == n)?;
+        Some((m, n, inst))
+    }
+
     /// The directories Citadel creates (tmpfiles.d `d` lines, which also chmod
     /// and chown an existing directory) and that `uninstall --purge` may remove,
     /// parents before children. Validation guarantees that none is a system
@@ -283,6 +303,10 @@ pub struct Model {
     pub aliases: Vec<String>,
     /// Further upstreams serving the same model (`http://host:port`), balanced by the gateway.
     pub replicas: Vec<String>,
+    /// Further local instances of this model (issue 15), numbered from 2: the
+    /// model's own `port` and `gpus` are instance 1 (`citadel-model@NAME.service`),
+    /// `instances[i]` is instance `i + 2` (`citadel-model@NAME:N.service`).
+    pub instances: Vec<Instance>,
     pub health_path: String,
     pub ready_check: ReadyCheck,
     pub start_timeout: Timespan,
@@ -292,10 +316,78 @@ pub struct Model {
     pub limits: Limits,
 }
 
+/// A further local instance of a model: its own port and GPUs, everything
+/// else as the model's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    pub port: Port,
+    pub gpus: Vec<GpuRef>,
+}
+
+/// The separator of a model's name and an instance number in instance names
+/// (`phi3:2`): not a character model names may contain, so an instance name
+/// never reads as a model name; valid in systemd instance names.
+pub const INSTANCE_SEPARATOR: char = ':';
+
+/// The most local instances one model may have (its own included).
+pub const MAX_INSTANCES: usize = 16;
+
 impl Model {
-    /// `citadel-model@NAME.service`.
+    /// `citadel-model@NAME.service` (instance 1).
     pub fn unit_name(&self) -> String {
         format!("citadel-model@{}.service", self.name)
+    }
+
+    /// How many local instances this model runs (at least 1).
+    pub fn instance_count(&self) -> usize {
+        1 + self.instances.len()
+    }
+
+    /// The instance name of local instance `n` (1-based): `NAME` for 1,
+    /// `NAME:N` after it. It is the unit's instance (`%i`) and what
+    /// `citadel-model run` takes.
+    pub fn instance_name(&self, n: usize) -> String {
+        if n <= 1 {
+            self.name.to_string()
+        } else {
+            format!("{}{INSTANCE_SEPARATOR}{n}", self.name)
+        }
+    }
+
+    /// The unit of local instance `n` (1-based).
+    pub fn instance_unit(&self, n: usize) -> String {
+        format!("citadel-model@{}.service", self.instance_name(n))
+    }
+
+    /// Every local instance as a model of its own: instance 1 is `self`,
+    /// instance `n` is `self` with that instance's port and GPUs and no further
+    /// instances. Numbers are 1-based, in order.
+    pub fn local_instances(&self) -> Vec<(usize, Model)> {
+        let mut first = self.clone();
+        first.instances = Vec::new();
+        let mut out = vec![(1, first.clone())];
+        for (i, inst) in self.instances.iter().enumerate() {
+            let mut m = first.clone();
+            m.port = inst.port;
+            m.gpus = inst.gpus.clone();
+            out.push((i + 2, m));
+        }
+        out
+    }
+
+    /// The ports of every local instance, instance 1 first.
+    pub fn ports(&self) -> Vec<Port> {
+        std::iter::once(self.port)
+            .chain(self.instances.iter().map(|i| i.port))
+            .collect()
+    }
+
+    /// The base URLs of every local instance, instance 1 first.
+    pub fn local_urls(&self) -> Vec<String> {
+        self.ports()
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect()
     }
 
     /// The engine's own base URL (on loopback).

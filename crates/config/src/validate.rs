@@ -11,7 +11,10 @@ use crate::diag::Diagnostic;
 use crate::engine::{Engine, EngineKind, ReadyCheck};
 use crate::gpu::GpuRef;
 use crate::raw::{RawConfig, RawGateway, RawGpu, RawModel, StrMap, S};
-use crate::settings::{Gateway, Limits, Model, ModelName, Paths, Port, ServiceIdentity, Settings};
+use crate::settings::{
+    Gateway, Instance, Limits, Model, ModelName, Paths, Port, ServiceIdentity, Settings,
+    INSTANCE_SEPARATOR, MAX_INSTANCES,
+};
 use crate::units::{ByteSize, Cpus, SizeLimit, Timespan};
 
 /// The gateway's `nofile` (LimitNOFILE=) when the config sets none: every
@@ -395,6 +398,14 @@ impl Validator {
                 at,
                 "a port cannot be a default: every model needs its own".into(),
                 Some("move `port` into each `[models.NAME]` table"),
+            );
+        }
+        if let Some(i) = &raw.model_defaults.instances {
+            self.error(
+                "model_defaults.instances",
+                span(i),
+                "instances cannot be a default: each needs its own port".into(),
+                Some("move `instances` into the `[models.NAME]` table of the model they run"),
             );
         }
         let mut models = Vec::new();
@@ -878,6 +889,7 @@ impl Validator {
             }
             replicas.push(url.get_ref().clone());
         }
+        let instances = self.instances(&k("instances"), m, &gpus);
         let mut args = Vec::new();
         for arg in m.args.iter().flat_map(|a| a.get_ref()) {
             self.text(&k("args"), arg);
@@ -893,6 +905,7 @@ impl Validator {
             gpus,
             aliases,
             replicas,
+            instances,
             health_path,
             ready_check,
             start_timeout,
@@ -1113,6 +1126,50 @@ impl Validator {
         out
     }
 
+    /// Issue 15, item 1: further local instances, each with its own port (checked
+    /// with every other port in `ports`) and its GPUs (the model's when not given).
+    fn instances(&mut self, key: &str, m: &RawModel, model_gpus: &[GpuRef]) -> Vec<Instance> {
+        let Some(list) = &m.instances else {
+            return Vec::new();
+        };
+        if list.get_ref().len() + 1 > MAX_INSTANCES {
+            self.error(
+                key,
+                span(list),
+                format!(
+                    "{} instances: a model may run at most {MAX_INSTANCES} local instances, its own included",
+                    list.get_ref().len() + 1
+                ),
+                Some("balance further engines as `replicas`, or split the model"),
+            );
+        }
+        let mut out = Vec::new();
+        for (i, inst) in list.get_ref().iter().enumerate() {
+            let n = i + 2;
+            let port_key = format!("{key}.port");
+            let port = match &inst.get_ref().port {
+                Some(p) => self.port(&port_key, p),
+                None => {
+                    self.error(
+                        &port_key,
+                        span(inst),
+                        format!("instance {n} has no port"),
+                        Some("add `port = 11404` (each instance needs its own port)"),
+                    );
+                    None
+                }
+            };
+            let gpus = match &inst.get_ref().gpus {
+                Some(_) => self.gpus(&format!("{key}.gpus"), &inst.get_ref().gpus),
+                None => model_gpus.to_vec(),
+            };
+            if let Some(port) = port {
+                out.push(Instance { port, gpus });
+            }
+        }
+        out
+    }
+
     /// Issue 10, item 5: `gpus` entries are indexes, GPU UUIDs or MIG UUIDs,
     /// each checked for its format; one listed twice is refused.
     fn gpus(&mut self, key: &str, v: &Option<S<Vec<S<RawGpu>>>>) -> Vec<GpuRef> {
@@ -1236,12 +1293,48 @@ impl Validator {
     fn ports(&mut self, raw: &RawConfig, gateway: &Gateway) {
         let mut used: BTreeMap<u16, String> = BTreeMap::new();
         for (name, m) in &raw.models {
-            let merged_port = m.get_ref().port.as_ref();
-            let Some(p) = merged_port else { continue };
+            // The model's own port (instance 1), then its further instances'.
+            let own = m.get_ref().port.as_ref().map(|p| {
+                (
+                    format!("models.{}.port", name.get_ref()),
+                    format!("model `{}`", name.get_ref()),
+                    p,
+                )
+            });
+            let further = m
+                .get_ref()
+                .instances
+                .iter()
+                .flat_map(|l| l.get_ref().iter())
+                .enumerate()
+                .filter_map(|(i, inst)| {
+                    inst.get_ref().port.as_ref().map(|p| {
+                        (
+                            format!("models.{}.instances.port", name.get_ref()),
+                            format!("instance `{}{INSTANCE_SEPARATOR}{}`", name.get_ref(), i + 2),
+                            p,
+                        )
+                    })
+                });
+            for (key, owner, p) in own.into_iter().chain(further) {
+                self.port_in_use(&key, &owner, p, gateway, &mut used);
+            }
+        }
+    }
+
+    fn port_in_use(
+        &mut self,
+        key: &str,
+        owner: &str,
+        p: &S<i64>,
+        gateway: &Gateway,
+        used: &mut BTreeMap<u16, String>,
+    ) {
+        {
             let Ok(port) = Port::new(*p.get_ref()) else {
-                continue;
+                return;
             };
-            let key = format!("models.{}.port", name.get_ref());
+            let key = key.to_owned();
             if port == gateway.port {
                 self.error(
                     &key,
@@ -1253,12 +1346,12 @@ impl Validator {
             if port.get() < checks::MODEL_PORT_MIN {
                 self.error(&key, span(p), format!("port {port} is privileged"), Some("model engines run without capabilities; use a port from 1024 up (e.g. 11400)"));
             }
-            if let Some(other) = used.insert(port.get(), name.get_ref().clone()) {
+            if let Some(other) = used.insert(port.get(), owner.to_owned()) {
                 self.error(
                     &key,
                     span(p),
-                    format!("port {port} is already used by model `{other}`"),
-                    Some("give every model its own port"),
+                    format!("port {port} is already used by {other}"),
+                    Some("give every model and every instance its own port"),
                 );
             }
         }

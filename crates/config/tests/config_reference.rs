@@ -278,6 +278,15 @@ fn issue10_config_reference_examples_are_valid() {
                 };
                 model_table(engine, example, field)
             }
+            "models.*.instances" => format!(
+                "{}\n[[models.a.instances]]\n{}\n",
+                model_table(EngineKind::Sim, "", ""),
+                if field == "port" {
+                    example.to_owned()
+                } else {
+                    format!("port = 11401\n{example}")
+                }
+            ),
             table => format!(
                 "[{table}]\n{example}\n{}",
                 model_table(EngineKind::Sim, "", "")

@@ -41,7 +41,8 @@ struct Cli {
 enum Cmd {
     /// Run the model's engine until SIGTERM (the unit's ExecStart=).
     Run {
-        /// The model, as named in `[models.NAME]`.
+        /// The model, as named in `[models.NAME]`, or one of its further
+        /// instances (`NAME:2`, `NAME:3`, ...).
         name: String,
         /// How often EXTEND_TIMEOUT_USEC is re-sent while loading.
         #[arg(long, hide = true, default_value = "20s", value_parser = parse_span)]
@@ -55,7 +56,7 @@ enum Cmd {
     },
     /// Print the engine command line and environment `run` would use.
     Command {
-        /// The model, as named in `[models.NAME]`.
+        /// The model (`NAME`) or instance (`NAME:N`).
         name: String,
     },
     /// Print this program's man page (roff); the package is built with it.
@@ -154,12 +155,14 @@ fn real_main(cli: Cli) -> Result<u8, Failure> {
         }
     };
     let settings = load(&cli)?;
-    let Some(model) = settings.model(name) else {
+    // `NAME` or `NAME:N` (a further local instance: the model with that
+    // instance's port and GPUs).
+    let Some((_, _, instance)) = settings.instance(name) else {
         let known: Vec<&str> = settings.models.iter().map(|m| m.name.as_str()).collect();
         return Err(Failure(
             EXIT_CONFIG,
             anyhow::anyhow!(
-                "model `{name}` is not in {} (models: {})",
+                "model or instance `{name}` is not in {} (models: {})",
                 cli.config.display(),
                 if known.is_empty() {
                     "none".into()
@@ -169,6 +172,7 @@ fn real_main(cli: Cli) -> Result<u8, Failure> {
             ),
         ));
     };
+    let model = &instance;
     let dirs = EngineDirs::from_env(model, &settings.paths.models);
     let cmd = engine_command(model, &dirs);
     match cli.command {
