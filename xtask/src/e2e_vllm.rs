@@ -2,8 +2,9 @@
 //!
 //! Installs the pinned vLLM CPU build and the tiny model ([`vllm::ensure`],
 //! cached under `$CITADEL_DEV_CACHE`, default `/var/cache/citadel-dev`), boots
-//! a systemd sandbox, writes a stack with two `vllm` models (`tiny-a`,
-//! `tiny-b`, both serving the tiny model) and two simulated ones, installs it
+//! a systemd sandbox, writes a stack with one `vllm` model `tiny` in two local
+//! instances (`tiny`, `tiny:2`: two units, two engines serving the tiny model)
+//! and two simulated models, installs it
 //! with Citadel's real hardened units and proves, against the real engine:
 //!
 //! * each vLLM unit stays `activating` with changing `STATUS=` until a
@@ -13,6 +14,8 @@
 //! * the engine's own logs are in the unit's journal,
 //! * kill -9 of the vLLM API server: restart, ready again, nothing left of
 //!   the old instance,
+//! * `citadel-systemd restart --rolling tiny` under a light load through the
+//!   gateway fails no request and gives both instances new engines (issue 15),
 //! * `citadel-systemd stop` leaves no vLLM process (and no /dev/shm segment).
 //!
 //! Prints `PASS`/`FAIL` per check, timings and memory, and a last line
@@ -34,12 +37,17 @@ use citadel_sandbox::SandboxOptions;
 use crate::tier::{build_binaries, ensure_debian_packages, info, unit, Report, Tier};
 use crate::vllm;
 
-const VLLM_MODELS: [(&str, u16); 2] = [("tiny-a", 11400), ("tiny-b", 11401)];
+/// The vLLM model, served by two local instances (issue 15): each is its own
+/// unit and engine, balanced by the gateway, restarted one at a time by
+/// `restart --rolling`.
+const VLLM_MODEL: &str = "tiny";
+/// Its instances (instance names, engine ports).
+const VLLM_INSTANCES: [(&str, u16); 2] = [("tiny", 11400), ("tiny:2", 11401)];
 const SIM_MODELS: [(&str, u16); 2] = [("sim-a", 11402), ("sim-b", 11403)];
 const GATEWAY: &str = "http://127.0.0.1:8000";
 /// Both engines load in parallel on 2 cores: measured 1-3 min; generous cap.
 const START_DEADLINE: Duration = Duration::from_secs(15 * 60);
-/// tiny-a's base TimeoutStartSec (an operator drop-in), far below its load time.
+/// The first instance's base TimeoutStartSec (an operator drop-in), far below its load time.
 const SHORT_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// The engine cache inside the sandbox (the units' `CacheDirectory=citadel/%i`).
 const SANDBOX_CACHE: &str = "/var/cache/citadel";
@@ -144,10 +152,11 @@ watchdog = "10s"
 memory_max = "256M"
 "#,
     );
-    for (i, (name, port)) in VLLM_MODELS.iter().enumerate() {
-        c.push_str(&format!(
-            r#"
-[models.{name}]
+    // One model, two instances; each instance's OpenMP threads are pinned to
+    // its own core by an operator drop-in (`steps`), since `env` is the model's.
+    c.push_str(&format!(
+        r#"
+[models.{VLLM_MODEL}]
 engine = "vllm"
 port = {port}
 python = "{python}"
@@ -159,13 +168,16 @@ watchdog = "60s"
 memory_max = "6G"
 tasks_max = 4096
 nofile = 65536
-env = {{ VLLM_CPU_KVCACHE_SPACE = "1", VLLM_CPU_OMP_THREADS_BIND = "{cpu}" }}
+env = {{ VLLM_CPU_KVCACHE_SPACE = "1" }}
+
+[[models.{VLLM_MODEL}.instances]]
+port = {port2}
 "#,
-            python = paths.python.display(),
-            model = paths.model_dir.display(),
-            cpu = i % 2,
-        ));
-    }
+        port = VLLM_INSTANCES[0].1,
+        port2 = VLLM_INSTANCES[1].1,
+        python = paths.python.display(),
+        model = paths.model_dir.display(),
+    ));
     for (name, port) in SIM_MODELS {
         c.push_str(&format!(
             "\n[models.{name}]\nport = {port}\nargs = [\"--load-time\", \"1s\", \"--tokens-per-second\", \"200\"]\n"
@@ -220,7 +232,7 @@ fn scenario(r: &mut Report, paths: &vllm::VllmPaths, bin_dir: &Path, cache: &Pat
 
     let result = steps(r, &tier);
     if result.is_err() || r.failed > 0 {
-        for (m, _) in VLLM_MODELS {
+        for (m, _) in VLLM_INSTANCES {
             println!(
                 "--- journal tail of {}\n{}",
                 unit(m),
@@ -244,20 +256,24 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
         code == Some(0),
         format!("exit {code:?}"),
     );
-    // An operator's drop-in gives tiny-a a base start timeout far below its
-    // load time: only the supervisor's EXTEND_TIMEOUT_USEC keeps it alive.
-    let dropin = tier.sb.root().join(format!(
-        "etc/systemd/system/{}.d/override.conf",
-        unit(VLLM_MODELS[0].0)
-    ));
-    std::fs::create_dir_all(dropin.parent().context("drop-in dir")?)?;
-    std::fs::write(
-        &dropin,
-        format!(
-            "[Service]\nTimeoutStartSec={}s\n",
-            SHORT_START_TIMEOUT.as_secs()
-        ),
-    )?;
+    // Operators' drop-ins: each instance's OpenMP threads on a core of its
+    // own, and the first instance gets a base start timeout far below its load
+    // time: only the supervisor's EXTEND_TIMEOUT_USEC keeps it alive.
+    for (i, (instance, _)) in VLLM_INSTANCES.iter().enumerate() {
+        let dropin = tier.sb.root().join(format!(
+            "etc/systemd/system/{}.d/override.conf",
+            unit(instance)
+        ));
+        std::fs::create_dir_all(dropin.parent().context("drop-in dir")?)?;
+        let mut text = format!("[Service]\nEnvironment=VLLM_CPU_OMP_THREADS_BIND={i}\n");
+        if i == 0 {
+            text.push_str(&format!(
+                "TimeoutStartSec={}s\n",
+                SHORT_START_TIMEOUT.as_secs()
+            ));
+        }
+        std::fs::write(&dropin, text)?;
+    }
     let (code, out_install) = tier.cli(&["install", "--bin-dir", &tier.bin_dir]);
     if !r.check("install", code == Some(0), format!("exit {code:?}")) {
         bail!("install failed:\n{out}{out_install}");
@@ -265,7 +281,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
     let key = tier.api_key();
 
     // --- start: activating with progress, READY only once a completion works.
-    let vllm_units: Vec<String> = VLLM_MODELS.iter().map(|(m, _)| unit(m)).collect();
+    let vllm_units: Vec<String> = VLLM_INSTANCES.iter().map(|(m, _)| unit(m)).collect();
     let start_out = std::env::temp_dir().join(format!("e2e-vllm-start-{}.log", std::process::id()));
     let t_start = Instant::now();
     let mut start = tier
@@ -276,12 +292,15 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
         .stderr(Stdio::inherit())
         .spawn()
         .context("spawning citadel-systemd start")?;
-    let mut traces: Vec<StartTrace> = VLLM_MODELS.iter().map(|_| StartTrace::default()).collect();
+    let mut traces: Vec<StartTrace> = VLLM_INSTANCES
+        .iter()
+        .map(|_| StartTrace::default())
+        .collect();
     let mut start_status = None;
     let mut start_returned = None;
     loop {
         let states = tier.show_many(&vllm_units, &["ActiveState", "StatusText"]);
-        for (i, (model, port)) in VLLM_MODELS.iter().enumerate() {
+        for (i, (_, port)) in VLLM_INSTANCES.iter().enumerate() {
             let tr = &mut traces[i];
             if tr.ready_after.is_some() || tr.failed.is_some() {
                 continue;
@@ -307,7 +326,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
                 }
                 "active" => {
                     tr.ready_after = Some(t_start.elapsed());
-                    let (code, _, secs) = tier.engine_completion(model, *port);
+                    let (code, _, secs) = tier.engine_completion(VLLM_MODEL, *port);
                     tr.completion_at_ready = Some((code, secs));
                     if !status.is_empty() && tr.statuses.last() != Some(&status) {
                         tr.statuses.push(status);
@@ -355,7 +374,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
         start_status.is_some_and(|s| s.success()),
         format!("{start_status:?} after {start_secs:.1} s"),
     );
-    for (i, (model, _)) in VLLM_MODELS.iter().enumerate() {
+    for (i, (model, _)) in VLLM_INSTANCES.iter().enumerate() {
         let tr = &traces[i];
         let loading = tr
             .statuses
@@ -404,21 +423,23 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
             tr.health_ok_while_activating,
         );
     }
-    let all_active = VLLM_MODELS
+    let all_active = VLLM_INSTANCES
         .iter()
         .chain(SIM_MODELS.iter())
         .all(|(m, _)| tier.show(&unit(m), "ActiveState") == "active")
         && tier.show("citadel-gateway.service", "ActiveState") == "active";
-    if !r.check("every unit active (2 vLLM, 2 sim, gateway)", all_active, "") {
+    if !r.check(
+        "every unit active (2 vLLM instances, 2 sim, gateway)",
+        all_active,
+        "",
+    ) {
         bail!("the stack did not start");
     }
     // The gateway admits each model at its next probe after READY=1: the
     // checks through it (and `health` expecting healthy) run once it lists
     // every model.
-    let all: Vec<&str> = VLLM_MODELS
-        .iter()
-        .chain(SIM_MODELS.iter())
-        .map(|(m, _)| *m)
+    let all: Vec<&str> = std::iter::once(VLLM_MODEL)
+        .chain(SIM_MODELS.iter().map(|(m, _)| *m))
         .collect();
     let listed = tier.wait_listed(GATEWAY, &key, &all, Duration::from_secs(60));
     if !r.check(
@@ -433,7 +454,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
     }
 
     // --- serving through the gateway.
-    for (model, _) in VLLM_MODELS {
+    for model in [VLLM_MODEL] {
         let body = format!(
             r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":16}}"#
         );
@@ -486,16 +507,21 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
         .unwrap_or_default();
     r.check(
         "/v1/models lists the vLLM models",
-        code == 200 && VLLM_MODELS.iter().all(|(m, _)| ids.contains(m)),
+        code == 200 && ids.contains(&VLLM_MODEL),
         format!("http {code}, {ids:?}"),
     );
 
     // --- observability: gateway metrics, engine metrics, health, status, journal.
     let (code, metrics, _) = tier.http("GET", &format!("{GATEWAY}/metrics"), None, None);
-    for (model, port) in VLLM_MODELS {
+    for (instance, port) in VLLM_INSTANCES {
+        let model = VLLM_MODEL;
         let label = format!("model=\"{model}\"");
+        let backend = format!("backend=\"http://127.0.0.1:{port}\"");
         let up = metrics.lines().any(|l| {
-            l.starts_with("citadel_gateway_backend_up") && l.contains(&label) && l.ends_with(" 1")
+            l.starts_with("citadel_gateway_backend_up")
+                && l.contains(&label)
+                && l.contains(&backend)
+                && l.ends_with(" 1")
         });
         let served = metrics.lines().any(|l| {
             l.starts_with("citadel_gateway_requests")
@@ -504,7 +530,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
                 && !l.ends_with(" 0")
         });
         r.check(
-            &format!("{model}: gateway /metrics (backend_up 1, requests counted)"),
+            &format!("{instance}: gateway /metrics (backend_up 1, requests counted)"),
             code == 200 && up && served,
             format!("http {code}, backend_up {up}, requests {served}"),
         );
@@ -516,7 +542,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
             .collect::<std::collections::BTreeSet<_>>()
             .len();
         r.check(
-            &format!("{model}: the engine's own /metrics"),
+            &format!("{instance}: the engine's own /metrics"),
             code == 200 && series > 10,
             format!("http {code}, {series} vllm:* series"),
         );
@@ -531,14 +557,14 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
     };
     r.check(
         "citadel-systemd health: healthy, vLLM models ok",
-        code == Some(0) && v["overall"] == "healthy" && VLLM_MODELS.iter().all(|(m, _)| healthy(m)),
+        code == Some(0) && v["overall"] == "healthy" && healthy(VLLM_MODEL),
         format!("exit {code:?}, overall {}", v["overall"]),
     );
     let (_, out) = tier.cli(&["status", "--json"]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
     let serving = |m: &str| {
         v.as_array()
-            .and_then(|a| a.iter().find(|x| x["service"] == m))
+            .and_then(|a| a.iter().find(|x| x["instance"] == m || x["service"] == m))
             .is_some_and(|x| {
                 x["active_state"] == "active"
                     && x["status_text"]
@@ -547,11 +573,11 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
             })
     };
     r.check(
-        "citadel-systemd status: vLLM models active, serving",
-        VLLM_MODELS.iter().all(|(m, _)| serving(m)),
+        "citadel-systemd status: both vLLM instances active, serving",
+        VLLM_INSTANCES.iter().all(|(m, _)| serving(m)),
         "",
     );
-    for (model, _) in VLLM_MODELS {
+    for (model, _) in VLLM_INSTANCES {
         let j = tier.journal(&unit(model));
         let markers = ["non-default args", "(EngineCore", "Starting to load model"];
         let found: Vec<&str> = markers.iter().copied().filter(|m| j.contains(m)).collect();
@@ -577,15 +603,16 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
     }
 
     // --- kill -9 of the API server: restart, ready again, nothing of the old instance left.
-    let (model, port) = VLLM_MODELS[1];
-    let u = unit(model);
+    let (instance, port) = VLLM_INSTANCES[1];
+    let model = VLLM_MODEL;
+    let u = unit(instance);
     let before: u64 = tier.show(&u, "NRestarts").parse().unwrap_or(0);
     let old = tier.cgroup_pids(&u);
     let api = tier.pgrep(&format!(
         "vllm.entrypoints.openai.api_server.*--port {port}"
     ));
     if r.check(
-        &format!("{model}: one vLLM API server process"),
+        &format!("{instance}: one vLLM API server process"),
         api.len() == 1,
         format!("{api:?} ({} processes in the unit)", old.len()),
     ) {
@@ -597,7 +624,7 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
         });
         let (code, _, _) = tier.engine_completion(model, port);
         r.check(
-            &format!("{model}: kill -9 of the API server -> restarted -> READY again"),
+            &format!("{instance}: kill -9 of the API server -> restarted -> READY again"),
             back.is_some() && code == 200,
             format!(
                 "NRestarts {before} -> {}, ready again after {:.1} s, completion http {code}",
@@ -613,28 +640,32 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
             .collect();
         let reused: Vec<u32> = old.iter().copied().filter(|p| now.contains(p)).collect();
         r.check(
-            &format!("{model}: no process of the killed instance remains"),
+            &format!("{instance}: no process of the killed instance remains"),
             alive.is_empty() && reused.is_empty(),
             format!("old {old:?}, now {now:?}"),
         );
+        // The gateway admits the instance again (its backend is up), and
+        // the model serves through it.
         let gw = tier.poll(Duration::from_secs(60), || {
-            let body = format!(
-                r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":4}}"#
-            );
-            tier.http(
-                "POST",
-                &format!("{GATEWAY}/v1/chat/completions"),
-                Some(&key),
-                Some(&body),
-            )
-            .0 == 200
+            backend_up(tier, model, port)
+                && tier
+                    .http(
+                        "POST",
+                        &format!("{GATEWAY}/v1/chat/completions"),
+                        Some(&key),
+                        Some(&chat(model, 4)),
+                    )
+                    .0
+                    == 200
         });
         r.check(
-            &format!("{model}: serves through the gateway again"),
+            &format!("{instance}: admitted by the gateway again, {model} serves"),
             gw.is_some(),
             format!("{gw:?}"),
         );
     }
+
+    rolling_restart(r, tier, &key);
 
     // --- stop: nothing of vLLM left.
     let t = Instant::now();
@@ -655,4 +686,87 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
         .1;
     info("/dev/shm segments left after stop", shm.trim());
     Ok(())
+}
+
+/// A chat completion request body for `model`.
+fn chat(model: &str, max_tokens: u32) -> String {
+    format!(
+        r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":{max_tokens}}}"#
+    )
+}
+
+/// Whether the gateway's `/metrics` says the backend on `port` is up.
+fn backend_up(tier: &Tier, model: &str, port: u16) -> bool {
+    let (code, metrics, _) = tier.http("GET", &format!("{GATEWAY}/metrics"), None, None);
+    let label = format!("model=\"{model}\"");
+    let backend = format!("backend=\"http://127.0.0.1:{port}\"");
+    code == 200
+        && metrics.lines().any(|l| {
+            l.starts_with("citadel_gateway_backend_up")
+                && l.contains(&label)
+                && l.contains(&backend)
+                && l.ends_with(" 1")
+        })
+}
+
+/// Issue 15, item 5: `restart --rolling` of the two vLLM instances under a
+/// light, steady load through the gateway: no request fails, and each
+/// instance runs a new engine afterwards.
+fn rolling_restart(r: &mut Report, tier: &Tier, key: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pids = || -> Vec<String> {
+        VLLM_INSTANCES
+            .iter()
+            .map(|(i, _)| tier.show(&unit(i), "MainPID"))
+            .collect()
+    };
+    let before = pids();
+    let done = AtomicBool::new(false);
+    let t = Instant::now();
+    let (code, out, sent, failed) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            while !done.load(Ordering::Relaxed) {
+                let (code, body, _) = tier.http(
+                    "POST",
+                    &format!("{GATEWAY}/v1/chat/completions"),
+                    Some(key),
+                    Some(&chat(VLLM_MODEL, 4)),
+                );
+                sent += 1;
+                if code != 200 {
+                    failed.push(format!(
+                        "http {code}: {}",
+                        body.chars().take(200).collect::<String>()
+                    ));
+                }
+                // Light load: a few requests a second (pacing, not synchronisation).
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            (sent, failed)
+        });
+        let (code, out) = tier.cli(&["restart", "--rolling", VLLM_MODEL]);
+        done.store(true, Ordering::Relaxed);
+        let (sent, failed) = load.join().unwrap_or_default();
+        (code, out, sent, failed)
+    });
+    let secs = t.elapsed().as_secs_f64();
+    print!("{out}");
+    let after = pids();
+    r.check(
+        &format!("{VLLM_MODEL}: restart --rolling under load: 0 failed requests"),
+        code == Some(0) && sent > 0 && failed.is_empty(),
+        format!(
+            "exit {code:?} in {secs:.1} s, {sent} requests, {} failed {failed:?}",
+            failed.len()
+        ),
+    );
+    r.check(
+        &format!("{VLLM_MODEL}: every instance runs a new engine after the rolling restart"),
+        before
+            .iter()
+            .zip(&after)
+            .all(|(b, a)| b != a && a != "0" && !a.is_empty()),
+        format!("MainPID {before:?} -> {after:?}"),
+    );
 }
