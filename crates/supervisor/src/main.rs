@@ -72,6 +72,61 @@ fn parse_span(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The instance suffix of the temporary surge instance (`NAME:surge`).
+const SURGE: &str = "surge";
+/// Where `citadel-systemd restart --surge` puts the surge instance's port
+/// (its runtime drop-in's `Environment=`).
+const SURGE_PORT_ENV: &str = "CITADEL_SURGE_PORT";
+
+/// `NAME:surge`: model NAME as one more instance (its own GPUs, no further
+/// instances) on the port in [`SURGE_PORT_ENV`]. `Ok(None)` for any other
+/// name; a missing, invalid or configured port is a config failure (78).
+fn surge_instance(
+    settings: &Settings,
+    name: &str,
+) -> Result<Option<citadel_config::Model>, Failure> {
+    let Some(model) = name
+        .split_once(citadel_config::INSTANCE_SEPARATOR)
+        .filter(|(_, n)| *n == SURGE)
+        .map(|(m, _)| m)
+    else {
+        return Ok(None);
+    };
+    let fail = |msg: String| Failure(EXIT_CONFIG, anyhow::anyhow!(msg));
+    let Some(m) = settings.model(model) else {
+        return Err(fail(format!(
+            "surge instance `{name}`: model `{model}` is not in {}",
+            settings.source.display()
+        )));
+    };
+    let raw = std::env::var(SURGE_PORT_ENV).map_err(|_| {
+        fail(format!(
+            "surge instance `{name}` needs its port in {SURGE_PORT_ENV} (set by the runtime \
+             drop-in `citadel-systemd restart --surge {model}` writes); it is missing or not UTF-8"
+        ))
+    })?;
+    let port = raw
+        .trim()
+        .parse::<i64>()
+        .map_err(|_| format!("`{raw}` is not a number"))
+        .and_then(citadel_config::Port::new)
+        .map_err(|e| fail(format!("surge instance `{name}`: {SURGE_PORT_ENV}: {e}")))?;
+    let taken = settings
+        .models
+        .iter()
+        .flat_map(|m| m.ports())
+        .chain(std::iter::once(settings.gateway.port));
+    if let Some(p) = taken.into_iter().find(|p| *p == port) {
+        return Err(fail(format!(
+            "surge instance `{name}`: {SURGE_PORT_ENV}={p} is a port the config already uses"
+        )));
+    }
+    let mut surge = m.clone();
+    surge.instances = Vec::new();
+    surge.port = port;
+    Ok(Some(surge))
+}
+
 /// A failure with the exit status it maps to.
 struct Failure(u8, anyhow::Error);
 
@@ -155,9 +210,12 @@ fn real_main(cli: Cli) -> Result<u8, Failure> {
         }
     };
     let settings = load(&cli)?;
+    // `NAME:surge`: the temporary instance of `citadel-systemd restart
+    // --surge` (issue 15), the model on the port the CLI chose.
+    let surge = surge_instance(&settings, name)?;
     // `NAME` or `NAME:N` (a further local instance: the model with that
     // instance's port and GPUs).
-    let Some((_, _, instance)) = settings.instance(name) else {
+    let Some(instance) = surge.or_else(|| settings.instance(name).map(|(_, _, m)| m)) else {
         let known: Vec<&str> = settings.models.iter().map(|m| m.name.as_str()).collect();
         return Err(Failure(
             EXIT_CONFIG,
