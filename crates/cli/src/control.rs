@@ -38,6 +38,12 @@ pub async fn jobs_with(
         return start_stack::run(settings, systemd, verb, wait).await;
     }
     let mut units = resolve(settings, names)?;
+    if verb == "restart" {
+        // Issue 15: `restart MODEL` restarts every instance at once.
+        for model in crate::services::multi_instance_models(settings, names) {
+            errln!("hint: this restarts every instance of {model} at once; `citadel-systemd restart --rolling {model}` restarts them one at a time and keeps {model} serving");
+        }
+    }
     match verb {
         "reload" => {
             if let Some(model) = units.iter().find(|u| *u != unit_names::GATEWAY) {

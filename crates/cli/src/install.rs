@@ -178,8 +178,9 @@ pub fn plan(
         .chain(&changes.removed)
         .any(|p| p.starts_with(&unit_root) || p.starts_with(&admin_root));
     // Instances whose drop-in went and was not rendered again (a migrated
-    // drop-in moves to the vendor layer: its model stays).
-    let configured: Vec<String> = settings.models.iter().map(|m| m.unit_name()).collect();
+    // drop-in moves to the vendor layer: its model stays): a model removed
+    // from the config, or one of its local instances (issue 15).
+    let configured: Vec<String> = crate::services::model_units(settings);
     let mut removed_units: Vec<String> = changes
         .removed
         .iter()
@@ -605,7 +606,7 @@ pub async fn uninstall(root: &Path, settings: Option<&Settings>, purge: bool) ->
             })
             .unwrap_or_default();
     if let Some(s) = settings {
-        units.extend(s.models.iter().map(|m| m.unit_name()));
+        units.extend(crate::services::model_units(s));
     }
     units.push(unit_names::GATEWAY.to_owned());
     units.push(unit_names::GATEWAY_SOCKET.to_owned());

@@ -14,7 +14,12 @@ use crate::systemd::{Systemd, UnitState};
 
 #[derive(Debug, Serialize)]
 struct ServiceStatus {
+    /// The instance name (`phi3`, `phi3:2`) or `gateway`.
     service: String,
+    /// The model a model unit runs (null for the gateway); issue 15.
+    model: Option<String>,
+    /// Its local instance number, 1 for the model's own unit (null for the gateway).
+    instance: Option<usize>,
     port: u16,
     #[serde(flatten)]
     state: UnitState,
@@ -37,7 +42,9 @@ fn port_of(settings: &Settings, unit: &str) -> u16 {
     if unit == unit_names::GATEWAY {
         return settings.gateway.port.get();
     }
-    settings.model(short_name(unit)).map_or(0, |m| m.port.get())
+    settings
+        .instance(short_name(unit))
+        .map_or(0, |(_, _, m)| m.port.get())
 }
 
 async fn collect(settings: &Settings, names: &[String]) -> Result<Vec<ServiceStatus>> {
@@ -46,8 +53,11 @@ async fn collect(settings: &Settings, names: &[String]) -> Result<Vec<ServiceSta
     for unit in resolve(settings, names)? {
         let state = systemd.unit_state(&unit).await?;
         let binary = crate::running::of_process(state.main_pid, &binary_of(settings, &unit));
+        let instance = settings.instance(short_name(&unit));
         out.push(ServiceStatus {
             service: short_name(&unit).to_owned(),
+            model: instance.as_ref().map(|(m, _, _)| m.name.to_string()),
+            instance: instance.as_ref().map(|(_, n, _)| *n),
             port: port_of(settings, &unit),
             state,
             binary,
@@ -87,9 +97,15 @@ pub async fn status(settings: &Settings, names: &[String], json: bool) -> Result
         } else {
             st.main_pid.to_string()
         };
+        // A model's further instances are indented below it (issue 15).
+        let name = if s.instance.is_some_and(|n| n > 1) {
+            format!("  {}", s.service)
+        } else {
+            s.service.clone()
+        };
         outln!(
             "{:<10} {:<28} {:<12} {:>7} {:>19} {:>8} {:>6}  {:<16}  {}",
-            s.service,
+            name,
             format!("{} ({})", st.active_state, st.sub_state),
             since(st.since_usec),
             pid,
@@ -130,12 +146,78 @@ fn status_exit_code(services: &[ServiceStatus]) -> ExitCode {
 #[derive(Debug, Serialize)]
 struct ModelHealth {
     model: String,
-    /// `ready`, `loading` or `down` (see [`model_state`]).
+    /// `ready`, `loading` or `down` (see [`model_state`]); for a model with
+    /// several instances also `degraded` (see [`model_health`]).
     state: &'static str,
     unit_state: String,
     engine_probe: String,
     gateway_state: String,
     healthy: bool,
+    /// Every local instance, the model's own first (issue 15).
+    instances: Vec<InstanceHealth>,
+}
+
+/// One local instance's health (issue 15): the same as a model's.
+#[derive(Debug, Serialize)]
+struct InstanceHealth {
+    /// `phi3`, `phi3:2`, ...
+    instance: String,
+    port: u16,
+    /// `ready`, `loading` or `down` (see [`model_state`]).
+    state: &'static str,
+    unit_state: String,
+    engine_probe: String,
+    /// The gateway's view of this instance's backend (of the model, for a
+    /// model with one instance).
+    gateway_state: String,
+    healthy: bool,
+}
+
+/// A model's health from its instances' (issue 15): one instance is the
+/// model; with several, the model is `ready` when every instance is,
+/// `loading` when each is ready or loading, `degraded` when some serve or
+/// load and others are down, `down` when none does.
+fn model_health(model: &citadel_config::Model, instances: Vec<InstanceHealth>) -> ModelHealth {
+    let states: Vec<&str> = instances.iter().map(|i| i.state).collect();
+    let state = instances_state(&states);
+    // One value when the instances agree, else how many are `good`.
+    let summary = |f: &dyn Fn(&InstanceHealth) -> &str, good: &str| {
+        let mut values = instances.iter().map(f);
+        let first = values.next().unwrap_or_default();
+        if values.all(|v| v == first) {
+            first.to_owned()
+        } else {
+            let n = instances.iter().filter(|i| f(i).starts_with(good)).count();
+            format!("{n}/{} {good}", instances.len())
+        }
+    };
+    let unit_state = summary(&|i| i.unit_state.as_str(), "active");
+    let engine_probe = summary(&|i| i.engine_probe.as_str(), "ok");
+    let gateway_state = summary(&|i| i.gateway_state.as_str(), "ready");
+    ModelHealth {
+        model: model.name.to_string(),
+        state,
+        unit_state,
+        engine_probe,
+        gateway_state,
+        healthy: state == "ready",
+        instances,
+    }
+}
+
+/// The state of a model over its instances' states (see [`model_health`]).
+fn instances_state(states: &[&str]) -> &'static str {
+    let ready = states.iter().filter(|s| **s == "ready").count();
+    let loading = states.iter().filter(|s| **s == "loading").count();
+    if ready == states.len() {
+        "ready"
+    } else if ready + loading == states.len() {
+        "loading"
+    } else if states.len() > 1 && ready + loading > 0 {
+        "degraded"
+    } else {
+        "down"
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -172,14 +254,16 @@ fn model_state(active: &str, sub: &str, probe_ok: bool, gateway_state: &str) -> 
 }
 
 /// The stack's state: `down` when the API is not served or no model serves
-/// or loads; `healthy` when every model serves; `loading` when every model
+/// or loads (a `degraded` model serves); `healthy` when every model serves; `loading` when every model
 /// that does not serve yet is loading (a fresh start or boot: not down, the
 /// API serves what is ready); `degraded` otherwise. Exit codes: 0, 1 (loading
 /// and degraded), 2 (down).
 fn overall_state(gateway_ready: bool, states: &[&str]) -> &'static str {
     let ready = states.iter().filter(|s| **s == "ready").count();
     let loading = states.iter().filter(|s| **s == "loading").count();
-    if !gateway_ready || ready + loading == 0 {
+    // A degraded model (some of its instances down) still serves.
+    let degraded = states.iter().filter(|s| **s == "degraded").count();
+    if !gateway_ready || ready + loading + degraded == 0 {
         "down"
     } else if ready == states.len() {
         "healthy"
@@ -219,34 +303,47 @@ async fn health_once(settings: &Settings) -> Result<Health> {
         .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok());
     let mut models = Vec::new();
     let isolated = settings.engine_network().is_isolated();
-    for m in &settings.models {
-        let st = systemd.unit_state(&m.unit_name()).await?;
-        let probe = if isolated {
-            // Issue 12, item 1: the engine is reachable only inside Citadel's
-            // network namespace; see it through the gateway and the supervisor.
-            isolated_engine_probe(gw_models.as_ref(), m, &st.active_state)
-        } else {
-            match http_get(
-                SocketAddr::from(([127, 0, 0, 1], m.port.get())),
-                &m.health_path,
-            )
-            .await
-            {
-                Ok((200, _)) => "ok".to_owned(),
-                Ok((code, _)) => format!("http {code}"),
-                Err(e) => format!("unreachable ({e})"),
-            }
-        };
-        let gateway_state = gw_models
-            .as_ref()
-            .and_then(|v| {
+    for model in &settings.models {
+        let mut instances = Vec::new();
+        for (n, m) in model.local_instances() {
+            let st = systemd.unit_state(&model.instance_unit(n)).await?;
+            let probe = if isolated {
+                // Issue 12, item 1: the engine is reachable only inside Citadel's
+                // network namespace; see it through the gateway and the supervisor.
+                isolated_engine_probe(gw_models.as_ref(), &m, &st.active_state)
+            } else {
+                match http_get(
+                    SocketAddr::from(([127, 0, 0, 1], m.port.get())),
+                    &m.health_path,
+                )
+                .await
+                {
+                    Ok((200, _)) => "ok".to_owned(),
+                    Ok((code, _)) => format!("http {code}"),
+                    Err(e) => format!("unreachable ({e})"),
+                }
+            };
+            let gateway_model = gw_models.as_ref().and_then(|v| {
                 v["models"]
                     .as_array()?
                     .iter()
                     .find(|x| x["name"] == m.name.as_str())
                     .cloned()
-            })
-            .and_then(|x| x["state"].as_str().map(str::to_owned))
+            });
+            // With several instances, each is judged by the gateway's view of
+            // its own backend; a lone instance by the model's (as before).
+            let gateway_state = if model.instance_count() > 1 {
+                gateway_model.as_ref().and_then(|x| {
+                    x["backends"]
+                        .as_array()?
+                        .iter()
+                        .find(|b| b["url"] == m.local_url().as_str())?["state"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+            } else {
+                gateway_model.and_then(|x| x["state"].as_str().map(str::to_owned))
+            }
             .unwrap_or_else(|| {
                 if no_access {
                     NO_ACCESS.into()
@@ -254,20 +351,23 @@ async fn health_once(settings: &Settings) -> Result<Health> {
                     "unknown".into()
                 }
             });
-        let state = model_state(
-            &st.active_state,
-            &st.sub_state,
-            probe == "ok",
-            &gateway_state,
-        );
-        models.push(ModelHealth {
-            model: m.name.to_string(),
-            state,
-            healthy: state == "ready",
-            unit_state: format!("{} ({})", st.active_state, st.sub_state),
-            engine_probe: probe,
-            gateway_state,
-        });
+            let state = model_state(
+                &st.active_state,
+                &st.sub_state,
+                probe == "ok",
+                &gateway_state,
+            );
+            instances.push(InstanceHealth {
+                instance: model.instance_name(n),
+                port: m.port.get(),
+                state,
+                healthy: state == "ready",
+                unit_state: format!("{} ({})", st.active_state, st.sub_state),
+                engine_probe: probe,
+                gateway_state,
+            });
+        }
+        models.push(model_health(model, instances));
     }
     let gateway_ready = gw_state.active_state == "active"
         && http_get(gw_addr, "/health/ready")
@@ -357,19 +457,34 @@ pub async fn health(settings: &Settings, json: bool, watch: bool) -> Result<Exit
                     String::new()
                 }
             );
+            let word = |state: &str| match state {
+                "ready" => "ok",
+                "loading" => "loading",
+                "degraded" => "DEGRADED",
+                _ => "FAIL",
+            };
             for m in &h.models {
                 t.push_str(&format!(
                     "  {:<10} {:<7} unit {:<22} engine {:<14} gateway {}\n",
                     m.model,
-                    match m.state {
-                        "ready" => "ok",
-                        "loading" => "loading",
-                        _ => "FAIL",
-                    },
+                    word(m.state),
                     m.unit_state,
                     m.engine_probe,
                     m.gateway_state
                 ));
+                // Issue 15: each instance of a model with several, below it.
+                if m.instances.len() > 1 {
+                    for i in &m.instances {
+                        t.push_str(&format!(
+                            "    {:<8} {:<7} unit {:<22} engine {:<14} gateway {}\n",
+                            i.instance,
+                            word(i.state),
+                            i.unit_state,
+                            i.engine_probe,
+                            i.gateway_state
+                        ));
+                    }
+                }
             }
             t
         };
@@ -457,12 +572,32 @@ pub fn logs(settings: &Settings, names: &[String], o: &LogOptions) -> Result<Exi
             "citadel-failure@*".to_owned(),
         ]
     } else {
-        resolve(settings, names)?
+        log_units(settings, names)?
     };
     let mut cmd = Command::new("journalctl");
     cmd.args(journalctl_args(&units, o, std::io::stdout().is_terminal()));
     let status = run_in_foreground(cmd).context("cannot run journalctl")?;
     Ok(ExitCode::from(exit_code_of(status)))
+}
+
+/// The units `logs SERVICE...` shows (`journalctl -u` each): the resolved
+/// units and, for a model named by its model name, every other unit of it
+/// too (`citadel-model@NAME:*`: a surge instance, an instance since removed;
+/// issue 15). A model's instances share `CITADEL_SERVICE=NAME` and each has
+/// its own `CITADEL_INSTANCE=`; `-u` also shows what systemd itself logged
+/// about each unit (started, failed, restarts).
+fn log_units(settings: &Settings, names: &[String]) -> Result<Vec<String>> {
+    let mut units = resolve(settings, names)?;
+    for name in names {
+        if let Some(m) = settings.model(name) {
+            units.push(format!(
+                "citadel-model@{}{}*",
+                m.name,
+                citadel_config::INSTANCE_SEPARATOR
+            ));
+        }
+    }
+    Ok(units)
 }
 
 /// Runs `cmd` and waits for it the way `system(3)` does: Ctrl-C goes to the
@@ -809,5 +944,103 @@ mod tests {
             });
             prop_assert!(started.elapsed() < timeout + Duration::from_millis(500));
         }
+    }
+
+    /// Issue 15: a model with several instances is ready only when every
+    /// instance is, degraded (still serving) when some are down; the stack
+    /// with a degraded model is degraded, not down.
+    #[test]
+    fn issue15_health_of_a_model_over_its_instances() {
+        assert_eq!(instances_state(&["ready"]), "ready");
+        assert_eq!(instances_state(&["down"]), "down");
+        assert_eq!(instances_state(&["ready", "ready"]), "ready");
+        assert_eq!(instances_state(&["ready", "loading"]), "loading");
+        assert_eq!(instances_state(&["ready", "down"]), "degraded");
+        assert_eq!(instances_state(&["loading", "down"]), "degraded");
+        assert_eq!(instances_state(&["down", "down"]), "down");
+        assert_eq!(overall_state(true, &["ready", "degraded"]), "degraded");
+        assert_eq!(overall_state(true, &["degraded"]), "degraded");
+        assert_eq!(overall_state(true, &["down", "down"]), "down");
+        assert_eq!(overall_state(false, &["ready"]), "down");
+
+        let s = citadel_config::parse(
+            "[models.phi3]\nport = 11403\nengine = \"sim\"\n[[models.phi3.instances]]\nport = 11413\n",
+            std::path::Path::new("c.toml"),
+        )
+        .unwrap()
+        .settings;
+        let m = &s.models[0];
+        let inst = |name: &str, port: u16, state: &'static str, unit: &str| InstanceHealth {
+            instance: name.into(),
+            port,
+            state,
+            unit_state: unit.into(),
+            engine_probe: if state == "ready" {
+                "ok"
+            } else {
+                "unreachable"
+            }
+            .into(),
+            gateway_state: if state == "ready" { "ready" } else { "down" }.into(),
+            healthy: state == "ready",
+        };
+        let h = model_health(
+            m,
+            vec![
+                inst("phi3", 11403, "ready", "active (running)"),
+                inst("phi3:2", 11413, "down", "inactive (dead)"),
+            ],
+        );
+        assert_eq!(h.state, "degraded");
+        assert!(!h.healthy);
+        assert_eq!(h.unit_state, "1/2 active");
+        assert_eq!(h.engine_probe, "1/2 ok");
+        assert_eq!(h.gateway_state, "1/2 ready");
+        let json = serde_json::to_value(&h).unwrap();
+        assert_eq!(json["instances"][1]["instance"], "phi3:2");
+        assert_eq!(json["instances"][1]["port"], 11413);
+        let h = model_health(
+            m,
+            vec![
+                inst("phi3", 11403, "ready", "active (running)"),
+                inst("phi3:2", 11413, "ready", "active (running)"),
+            ],
+        );
+        assert_eq!((h.state, h.healthy), ("ready", true));
+        assert_eq!(h.unit_state, "active (running)");
+    }
+
+    /// Issue 15: `logs phi3` covers every unit of the model (its instances,
+    /// a surge instance, one since removed); `logs phi3:2` that instance only.
+    #[test]
+    fn issue15_logs_of_a_model_cover_every_instance() {
+        let s = citadel_config::parse(
+            "[models.phi3]\nport = 11403\nengine = \"sim\"\n[[models.phi3.instances]]\nport = 11413\n\
+             [models.tiny]\nport = 11404\nengine = \"sim\"\n",
+            std::path::Path::new("c.toml"),
+        )
+        .unwrap()
+        .settings;
+        let names = |n: &[&str]| n.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            log_units(&s, &names(&["phi3"])).unwrap(),
+            [
+                "citadel-model@phi3.service",
+                "citadel-model@phi3:2.service",
+                "citadel-model@phi3:*"
+            ]
+        );
+        assert_eq!(
+            log_units(&s, &names(&["phi3:2"])).unwrap(),
+            ["citadel-model@phi3:2.service"]
+        );
+        assert_eq!(
+            log_units(&s, &names(&["tiny", "gateway"])).unwrap(),
+            [
+                "citadel-model@tiny.service",
+                "citadel-gateway.service",
+                "citadel-model@tiny:*"
+            ]
+        );
     }
 }

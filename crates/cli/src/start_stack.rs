@@ -100,8 +100,8 @@ pub async fn run(
     // Which models this command starts: the enabled ones (the target pulls
     // in exactly those), and for a restart also the running ones.
     let mut covered = Vec::new();
-    for m in &settings.models {
-        let u = m.unit_name();
+    // Every local instance of every model (issue 15), each on its own.
+    for u in crate::services::model_units(settings) {
         let st = systemd.unit_state(&u).await?;
         let enabled = st.unit_file_state.starts_with("enabled");
         let running = matches!(
@@ -190,27 +190,33 @@ pub async fn run(
             .get(unit_names::GATEWAY)
             .is_some_and(|o| o.result == "done");
     let mut report = Vec::new();
+    let mut targets = Vec::new();
     for m in &settings.models {
-        let u = m.unit_name();
-        let st = systemd.unit_state(&u).await?;
-        let outcome = model_outcome(
-            covered.contains(&u),
-            results.get(&u).map(|o| o.result.as_str()),
-            &st.active_state,
-        );
-        report.push((m.name.to_string(), u, outcome, st));
+        for (n, url) in (1..).zip(m.local_urls()) {
+            let u = m.instance_unit(n);
+            let st = systemd.unit_state(&u).await?;
+            let outcome = model_outcome(
+                covered.contains(&u),
+                results.get(&u).map(|o| o.result.as_str()),
+                &st.active_state,
+            );
+            report.push((m.instance_name(n), u, outcome, st));
+            targets.push(Admission {
+                model: m.name.to_string(),
+                url: (m.instance_count() > 1).then_some(url),
+            });
+        }
     }
-    // Ready models: wait until the gateway routes to them.
+    // Ready models (instances): wait until the gateway routes to them.
     if gateway_ok {
-        let serving: Vec<String> = report
-            .iter()
-            .filter(|r| r.2 == ModelOutcome::Serving)
-            .map(|r| r.0.clone())
+        let serving: Vec<usize> = (0..report.len())
+            .filter(|i| report[*i].2 == ModelOutcome::Serving)
             .collect();
-        let admitted = wait_admitted(settings, &serving, admission_bound(settings)).await;
-        for r in report.iter_mut() {
-            if r.2 == ModelOutcome::Serving && !admitted.contains(&r.0) {
-                r.2 = ModelOutcome::NotAdmitted;
+        let wanted: Vec<Admission> = serving.iter().map(|i| targets[*i].clone()).collect();
+        let admitted = wait_admitted(settings, &wanted, admission_bound(settings)).await;
+        for (i, ok) in serving.into_iter().zip(admitted) {
+            if !ok {
+                report[i].2 = ModelOutcome::NotAdmitted;
             }
         }
     }
@@ -255,7 +261,7 @@ pub async fn run(
     let ok = gateway_ok && failed.is_empty();
     let serving = names(ModelOutcome::Serving);
     let mut summary = format!(
-        "{verb}: {} in {:.1} s: the API {} {} of {} models",
+        "{verb}: {} in {:.1} s: the API {} {} of {} models{}",
         if ok { "done" } else { "FAILED" },
         started.elapsed().as_secs_f64(),
         if gateway_ok {
@@ -264,7 +270,13 @@ pub async fn run(
             "is DOWN; it would serve"
         },
         serving.len(),
-        report.len()
+        report.len(),
+        // Issue 15: counted per local instance.
+        if report.len() > settings.models.len() {
+            " (instances)"
+        } else {
+            ""
+        }
     );
     for (what, o) in [
         ("still loading", ModelOutcome::Loading),
@@ -298,12 +310,22 @@ pub async fn run(
     Ok(ExitCode::from(EXIT_FAILED))
 }
 
+/// What the gateway must route to for a model (instance) to count as
+/// admitted: the model, or (issue 15, a model with several local instances)
+/// that instance's backend.
+#[derive(Debug, Clone, PartialEq)]
+struct Admission {
+    model: String,
+    /// The instance's backend URL; None: the model as a whole.
+    url: Option<String>,
+}
+
 /// Waits until the gateway's `/health/models` says `ready` for each of
-/// `models`, for at most `bound`; returns those it admitted. When the
+/// `wanted`, for at most `bound`; returns whether it admitted each. When the
 /// gateway does not answer `/health/models` (it wants a key when it listens
 /// beyond loopback), its open `/health/ready` count stands in.
-async fn wait_admitted(settings: &Settings, models: &[String], bound: Duration) -> Vec<String> {
-    if models.is_empty() {
+async fn wait_admitted(settings: &Settings, wanted: &[Admission], bound: Duration) -> Vec<bool> {
+    if wanted.is_empty() {
         return Vec::new();
     }
     let addr = crate::observe::gateway_addr(settings);
@@ -311,36 +333,45 @@ async fn wait_admitted(settings: &Settings, models: &[String], bound: Duration) 
     let mut interval = tokio::time::interval(Duration::from_millis(100));
     loop {
         interval.tick().await;
-        let admitted = admitted_now(addr, models).await;
-        if admitted.len() == models.len() || Instant::now() >= deadline {
+        let admitted = admitted_now(addr, wanted).await;
+        if admitted.iter().all(|a| *a) || Instant::now() >= deadline {
             return admitted;
         }
     }
 }
 
-/// The `models` the gateway routes to right now.
-async fn admitted_now(addr: SocketAddr, models: &[String]) -> Vec<String> {
+/// Whether the gateway routes to each of `wanted` right now.
+async fn admitted_now(addr: SocketAddr, wanted: &[Admission]) -> Vec<bool> {
     if let Some((200, body)) = local_get(addr, "/health/models").await {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        let ready = |name: &str| {
-            v["models"].as_array().is_some_and(|all| {
-                all.iter()
-                    .any(|m| m["name"] == name && m["state"] == "ready")
-            })
-        };
-        return models.iter().filter(|m| ready(m)).cloned().collect();
+        return wanted.iter().map(|w| admitted_in(&v, w)).collect();
     }
-    match local_get(addr, "/health/ready").await {
+    let models: std::collections::BTreeSet<&str> =
+        wanted.iter().map(|w| w.model.as_str()).collect();
+    let all = match local_get(addr, "/health/ready").await {
         Some((_, body)) => {
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            let n = v["models_ready"].as_u64().unwrap_or(0);
-            if n >= models.len() as u64 {
-                models.to_vec()
-            } else {
-                Vec::new()
-            }
+            v["models_ready"].as_u64().unwrap_or(0) >= models.len() as u64
         }
-        None => Vec::new(),
+        None => false,
+    };
+    vec![all; wanted.len()]
+}
+
+/// Whether the gateway's `/health/models` answer `v` routes to `w`.
+fn admitted_in(v: &serde_json::Value, w: &Admission) -> bool {
+    let Some(model) = v["models"]
+        .as_array()
+        .and_then(|all| all.iter().find(|m| m["name"] == w.model.as_str()))
+    else {
+        return false;
+    };
+    match &w.url {
+        None => model["state"] == "ready",
+        Some(url) => model["backends"].as_array().is_some_and(|bs| {
+            bs.iter()
+                .any(|b| b["url"] == url.as_str() && b["state"] == "ready")
+        }),
     }
 }
 
@@ -440,6 +471,29 @@ mod tests {
         assert_eq!(parse_answer(b"SSH-2.0-OpenSSH\r\n\r\n"), None);
         assert_eq!(parse_answer(b"HTTP/1.1 2000 OK\r\n\r\n"), None);
         assert_eq!(parse_answer(b"HTTP/1.1 +20 OK\r\n\r\n"), None);
+    }
+
+    /// Issue 15: an instance of a model with several counts as admitted
+    /// only once the gateway routes to its own backend.
+    #[test]
+    fn issue15_an_instance_is_admitted_by_its_own_backend() {
+        let v = serde_json::json!({"models": [{"name": "phi3", "state": "ready", "backends": [
+            {"url": "http://127.0.0.1:11403", "state": "ready"},
+            {"url": "http://127.0.0.1:11413", "state": "loading"},
+        ]}]});
+        let w = |url: Option<&str>| Admission {
+            model: "phi3".into(),
+            url: url.map(str::to_owned),
+        };
+        assert!(admitted_in(&v, &w(None)));
+        assert!(admitted_in(&v, &w(Some("http://127.0.0.1:11403"))));
+        assert!(!admitted_in(&v, &w(Some("http://127.0.0.1:11413"))));
+        assert!(!admitted_in(&v, &w(Some("http://127.0.0.1:9"))));
+        let other = Admission {
+            model: "tiny".into(),
+            url: None,
+        };
+        assert!(!admitted_in(&v, &other));
     }
 
     proptest! {

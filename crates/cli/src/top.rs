@@ -277,6 +277,9 @@ pub struct ModelMetrics {
     /// Whether the gateway routes to it: `citadel_gateway_model_ready`, or
     /// else any `citadel_gateway_backend_up` of the model at 1.
     pub ready: Option<bool>,
+    /// `citadel_gateway_backend_up{backend}` per backend URL (issue 15: an
+    /// instance's own state).
+    pub backends_up: BTreeMap<String, bool>,
 }
 
 const REQUESTS: &str = "citadel_gateway_requests_total";
@@ -315,6 +318,9 @@ pub fn by_model(samples: &[Sample]) -> BTreeMap<String, ModelMetrics> {
             BACKEND_UP => {
                 let m = out.entry(entry()).or_default();
                 m.ready = Some(m.ready.unwrap_or(false) || s.value > 0.0);
+                if let Some(backend) = s.label("backend") {
+                    m.backends_up.insert(backend.to_owned(), s.value > 0.0);
+                }
             }
             _ => {}
         }
@@ -366,9 +372,13 @@ pub struct Scrape {
     pub gateway: Option<UnitState>,
 }
 
-/// One model's line.
+/// One model's line, or (issue 15) one of its further local instances'
+/// (indented, below its model's line: its own state, memory and restarts;
+/// the gateway's figures are per model).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
+    /// Whether this is an instance's line (`  phi3:2`), not a model's.
+    pub instance: bool,
     pub model: String,
     pub state: String,
     pub requests_per_s: Option<f64>,
@@ -417,6 +427,7 @@ pub fn rows(models: &[String], earlier: Option<&Scrape>, now: &Scrape) -> Vec<Ro
                 m.and_then(|m| m.ttft.as_ref()),
             );
             Row {
+                instance: false,
                 model: name.clone(),
                 state: state_word(unit, m.and_then(|m| m.ready)),
                 requests_per_s: rate(
@@ -440,6 +451,51 @@ pub fn rows(models: &[String], earlier: Option<&Scrape>, now: &Scrape) -> Vec<Ro
             }
         })
         .collect()
+}
+
+/// A further local instance of a model (issue 15): its model, its instance
+/// name (`phi3:2`) and the URL the gateway knows its backend by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRef {
+    pub model: String,
+    pub name: String,
+    pub url: String,
+}
+
+/// `rows` with a line for each instance in `instances` after its model's:
+/// systemd's view of its unit (`now.units`, by instance name) and whether the
+/// gateway's probe of its backend passed.
+pub fn with_instances(rows: Vec<Row>, instances: &[InstanceRef], now: &Scrape) -> Vec<Row> {
+    let mut out = Vec::with_capacity(rows.len() + instances.len());
+    for row in rows {
+        let model = row.model.clone();
+        out.push(row);
+        for i in instances.iter().filter(|i| i.model == model) {
+            let unit = now.units.get(&i.name);
+            let up = now
+                .metrics
+                .as_ref()
+                .ok()
+                .and_then(|m| m.get(&i.model))
+                .and_then(|m| m.backends_up.get(&i.url).copied());
+            out.push(Row {
+                instance: true,
+                model: format!("  {}", i.name),
+                state: state_word(unit, up),
+                requests_per_s: None,
+                tokens_per_s: None,
+                ttft_p50: None,
+                ttft_p95: None,
+                in_flight: None,
+                memory: unit.and_then(|u| u.memory_current),
+                memory_max: unit.and_then(|u| u.memory_max),
+                restarts: unit
+                    .filter(|u| u.load_state == "loaded")
+                    .map(|u| u.n_restarts),
+            });
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------
@@ -544,12 +600,13 @@ fn summary(settings: &Settings, scrape: &Scrape, rows: &[Row], note: Option<&str
         .gateway
         .as_ref()
         .map_or("?".to_owned(), |g| g.active_state.clone());
-    let serving = rows.iter().filter(|r| r.state == "serving").count();
+    let models = rows.iter().filter(|r| !r.instance);
+    let serving = models.clone().filter(|r| r.state == "serving").count();
     let mut out = vec![format!(
         "citadel top  {} UTC  gateway {gateway} on {}  {serving}/{} models serving",
         clock(),
         observe::gateway_addr(settings),
-        rows.len()
+        models.count()
     )];
     if let Err(e) = &scrape.metrics {
         out.push(format!("gateway metrics: {e}"));
@@ -648,6 +705,8 @@ struct Sources<'a> {
     systemd: Systemd,
     metrics: MetricsSource,
     models: Vec<String>,
+    /// The further local instances (issue 15), shown under their models.
+    instances: Vec<InstanceRef>,
 }
 
 impl Sources<'_> {
@@ -655,8 +714,10 @@ impl Sources<'_> {
         let metrics = self.metrics.read().await;
         let mut units = BTreeMap::new();
         for m in &self.settings.models {
-            if let Ok(st) = self.systemd.unit_state(&m.unit_name()).await {
-                units.insert(m.name.to_string(), st);
+            for n in 1..=m.instance_count() {
+                if let Ok(st) = self.systemd.unit_state(&m.instance_unit(n)).await {
+                    units.insert(m.instance_name(n), st);
+                }
             }
         }
         let gateway = self.systemd.unit_state(unit_names::GATEWAY).await.ok();
@@ -669,7 +730,7 @@ impl Sources<'_> {
     }
 
     fn frame(&self, earlier: Option<&Scrape>, now: &Scrape) -> (Vec<String>, Vec<Row>) {
-        let rows = rows(&self.models, earlier, now);
+        let rows = with_instances(rows(&self.models, earlier, now), &self.instances, now);
         (
             summary(self.settings, now, &rows, self.metrics.note.as_deref()),
             rows,
@@ -689,6 +750,21 @@ pub async fn top(settings: &Settings, opts: &TopOptions) -> Result<ExitCode> {
         systemd: Systemd::connect().await?,
         metrics: MetricsSource::new(settings),
         models: settings.models.iter().map(|m| m.name.to_string()).collect(),
+        instances: settings
+            .models
+            .iter()
+            .flat_map(|m| {
+                // local_urls() is instance 1, 2, ... in order.
+                (1..)
+                    .zip(m.local_urls())
+                    .skip(1)
+                    .map(|(n, url)| InstanceRef {
+                        model: m.name.to_string(),
+                        name: m.instance_name(n),
+                        url,
+                    })
+            })
+            .collect(),
     };
     if opts.once {
         let first = sources.scrape().await;
@@ -1008,6 +1084,63 @@ citadel_gateway_time_to_first_token_seconds_count{model="phi3"} 10
             n_restarts: 2,
             ..UnitState::default()
         }
+    }
+
+    /// Issue 15: each further instance of a model gets its own indented
+    /// line below its model's: its unit's state, memory and restarts and the
+    /// gateway's probe of its own backend; the summary counts models only.
+    #[test]
+    fn issue15_top_shows_instances_under_their_model() {
+        let text = format!(
+            "{GATEWAY_METRICS}citadel_gateway_backend_up{{model=\"phi3\",backend=\"http://127.0.0.1:11413\"}} 0\n"
+        );
+        let mut down = unit("failed", "failed");
+        down.n_restarts = 5;
+        let now = Scrape {
+            at: Instant::now(),
+            metrics: Ok(by_model(&parse_metrics(&text))),
+            units: [
+                ("phi3".to_owned(), unit("active", "running")),
+                ("phi3:2".to_owned(), down),
+                ("mixtral".to_owned(), unit("active", "running")),
+            ]
+            .into(),
+            gateway: Some(unit("active", "running")),
+        };
+        let instances = [InstanceRef {
+            model: "phi3".into(),
+            name: "phi3:2".into(),
+            url: "http://127.0.0.1:11413".into(),
+        }];
+        let models = ["phi3".to_owned(), "mixtral".to_owned()];
+        let r = with_instances(rows(&models, None, &now), &instances, &now);
+        let labels: Vec<&str> = r.iter().map(|r| r.model.as_str()).collect();
+        assert_eq!(labels, ["phi3", "  phi3:2", "mixtral"]);
+        assert_eq!(r[0].state, "serving");
+        assert!(r[1].instance && !r[0].instance);
+        assert_eq!(r[1].state, "failed");
+        assert_eq!(r[1].restarts, Some(5));
+        assert_eq!(r[1].requests_per_s, None);
+        // Active and its backend up: serving; active but down at the gateway: active.
+        let mut up = now.clone();
+        up.units.insert("phi3:2".into(), unit("active", "running"));
+        let r = with_instances(rows(&models, None, &up), &instances, &up);
+        assert_eq!(r[1].state, "active");
+        let text = text.replace("11413\"} 0", "11413\"} 1");
+        up.metrics = Ok(by_model(&parse_metrics(&text)));
+        let r = with_instances(rows(&models, None, &up), &instances, &up);
+        assert_eq!(r[1].state, "serving");
+        let s = citadel_config::parse(
+            "[models.phi3]\nport = 11403\nengine = \"sim\"\n",
+            std::path::Path::new("c.toml"),
+        )
+        .unwrap()
+        .settings;
+        assert!(
+            summary(&s, &up, &r, None)[0].contains("1/2 models serving"),
+            "{:?}",
+            summary(&s, &up, &r, None)
+        );
     }
 
     #[test]
