@@ -16,6 +16,7 @@
 //! systemd integration (READY/WATCHDOG/STATUS/STOPPING/RELOADING, SIGHUP
 //! reload, SIGTERM drain) through [`run_service`].
 
+mod admin;
 mod auth;
 mod body;
 mod engines;
@@ -89,6 +90,9 @@ pub(crate) struct Shared {
     /// Why the last reload was rejected (one line), shown in STATUS= until a
     /// reload succeeds.
     last_reload_error: Mutex<Option<String>>,
+    /// Held while the table is replaced (a reload's commit, an admin
+    /// add/remove), so that no change made meanwhile is lost.
+    pub(crate) edit: Mutex<()>,
 }
 
 impl Shared {
@@ -98,11 +102,17 @@ impl Shared {
             Err(p) => p.into_inner().clone(),
         }
     }
-    fn set_table(&self, t: Table) {
+    pub(crate) fn set_table(&self, t: Table) {
         let t = Arc::new(t);
         match self.table.write() {
             Ok(mut g) => *g = t,
             Err(p) => *p.into_inner() = t,
+        }
+    }
+    pub(crate) fn edit_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        match self.edit.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
         }
     }
     fn last_reload_error(&self) -> Option<String> {
@@ -125,8 +135,15 @@ impl Shared {
     /// Applies a prepared configuration: swaps the table, starts probers for
     /// new backends and stops those of removed ones. Cannot fail.
     fn commit(self: &Arc<Self>, prepared: Prepared) {
-        let (table, backends) = prepared.built.commit();
-        self.set_table(table);
+        let backends = {
+            let _edit = self.edit_lock();
+            // Temporary backends and drain flags of the table in use now
+            // (issue 15), whatever the admin channel changed meanwhile.
+            let current = self.table();
+            let (table, backends) = prepared.built.commit(Some(&current));
+            self.set_table(table);
+            backends
+        };
         for b in backends {
             routes::spawn_prober(self.clone(), b);
         }
@@ -173,8 +190,8 @@ fn prepare(
     old: Option<&Table>,
     settings: &citadel_config::Settings,
 ) -> Result<Prepared, StartError> {
-    let auth = load_auth(settings, shared_keys, old.and_then(|t| t.auth.as_ref()))?;
-    let built = Table::build(settings, auth, old);
+    let auth = load_auth(settings, shared_keys, old.and_then(|t| t.auth.as_deref()))?;
+    let built = Table::build(settings, auth.map(Arc::new), old);
     Ok(Prepared {
         built,
         models: settings.models.len(),
@@ -269,7 +286,7 @@ fn load_auth(
 
 /// Where a shutdown is (see [`Server::shutdown`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
+pub(crate) enum Phase {
     Serving,
     /// The listener is closed; connections stay open and every response
     /// carries `Connection: close`.
@@ -296,7 +313,7 @@ pub async fn start(
     listener: TcpListener,
 ) -> Result<Server, StartError> {
     let prepared = guarded(&settings.source, || prepare(&keys, None, settings))?;
-    let (table, backends) = prepared.built.commit();
+    let (table, backends) = prepared.built.commit(None);
     let addr = listener.local_addr().map_err(|source| StartError::Io {
         context: "cannot read the listening address".into(),
         source,
@@ -325,6 +342,7 @@ pub async fn start(
         reloads: AtomicU64::new(0),
         last_reload_failed: AtomicBool::new(false),
         last_reload_error: Mutex::new(None),
+        edit: Mutex::new(()),
     });
     for b in backends {
         routes::spawn_prober(shared.clone(), b);
@@ -479,6 +497,17 @@ impl Server {
         self.addr
     }
 
+    /// Serves the admin channel (issue 15: drain, admit, temporary
+    /// backends; see the `admin` module) on `listener` until the shutdown
+    /// closes connections. Needs a tokio runtime.
+    pub fn serve_admin(&self, listener: tokio::net::UnixListener) {
+        tokio::spawn(admin::serve(
+            self.shared.clone(),
+            listener,
+            self.shutdown_tx.subscribe(),
+        ));
+    }
+
     /// `(ready, total)` models.
     pub fn ready_count(&self) -> (usize, usize) {
         self.shared.table().ready_count()
@@ -600,6 +629,10 @@ pub struct ServiceOptions {
     /// The socket systemd passed ([`listen::from_systemd`]); used unless
     /// `listen` is set. Without either, the gateway binds the configured address.
     pub inherited: Option<std::net::TcpListener>,
+    /// The admin channel's socket from systemd (`citadel-gateway-admin.socket`).
+    pub admin: Option<std::os::unix::net::UnixListener>,
+    /// Binds the admin channel here (0600) instead (`--admin-socket`).
+    pub admin_socket: Option<PathBuf>,
 }
 
 /// Loads and validates the config file; every error names the file.
@@ -655,7 +688,25 @@ pub async fn run_service(opts: ServiceOptions) -> Result<(), StartError> {
             (l, false)
         }
     };
+    let admin = match (opts.admin_socket.as_deref(), opts.admin) {
+        (Some(path), _) => Some((
+            listen::bind_admin(path).map_err(io(&format!(
+                "cannot bind the admin socket {}",
+                path.display()
+            )))?,
+            path.display().to_string(),
+        )),
+        (None, Some(l)) => Some((l, "from systemd".to_owned())),
+        (None, None) => None,
+    };
     let server = start(&settings, opts.keys.clone(), listener).await?;
+    if let Some((l, from)) = admin {
+        l.set_nonblocking(true)
+            .map_err(io("cannot use the admin socket"))?;
+        let l = tokio::net::UnixListener::from_std(l).map_err(io("cannot use the admin socket"))?;
+        tracing::info!(admin = %from, "admin channel on the Unix socket ({from})");
+        server.serve_admin(l);
+    }
     tracing::info!(
         listen = %server.addr(),
         auth = settings.gateway.auth,

@@ -1,8 +1,9 @@
-//! `citadel-gateway --config PATH [--api-keys-file PATH] [--listen ADDR]`
+//! `citadel-gateway --config PATH [--api-keys-file PATH] [--listen ADDR] [--admin-socket PATH]`
 //!
 //! Under systemd the listening socket comes from `citadel-gateway.socket`
-//! (socket activation, LISTEN_FDS); otherwise the gateway binds
-//! `gateway.listen:gateway.port`, or `--listen`, itself.
+//! (socket activation, LISTEN_FDS) and the admin channel's from
+//! `citadel-gateway-admin.socket`; otherwise the gateway binds
+//! `gateway.listen:gateway.port`, or `--listen`, and `--admin-socket` itself.
 //!
 //! Exit status: 0 after a clean stop, 78 (EX_CONFIG) when the configuration
 //! cannot work (invalid config, auth on without keys), 1 on other errors,
@@ -32,6 +33,11 @@ struct Cli {
     /// `citadel-gateway.socket`) or gateway.listen:gateway.port (port 0 = ephemeral).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Serve the admin channel (drain, admit, temporary backends) on a Unix
+    /// socket bound at PATH, mode 0600, instead of the one from systemd
+    /// (citadel-gateway-admin.socket).
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
     /// Print this program's man page (roff) and exit; the package is built with it.
     #[arg(long, hide = true)]
     man_page: bool,
@@ -53,9 +59,14 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    // Before any thread starts: it clears LISTEN_FDS/LISTEN_PID.
+    // Before any thread starts: it clears LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES.
     let inherited = citadel_gateway::listen::from_systemd();
     let _logging = citadel_log::init("citadel-gateway");
+    if let Ok(i) = &inherited {
+        for w in &i.warnings {
+            tracing::warn!("{w}");
+        }
+    }
     match inherited
         .map_err(anyhow::Error::from)
         .and_then(|l| run(cli, l))
@@ -72,7 +83,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli, inherited: Option<std::net::TcpListener>) -> anyhow::Result<()> {
+fn run(cli: Cli, inherited: citadel_gateway::listen::Inherited) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -86,7 +97,9 @@ fn run(cli: Cli, inherited: Option<std::net::TcpListener>) -> anyhow::Result<()>
             config: cli.config,
             keys,
             listen: cli.listen,
-            inherited,
+            inherited: inherited.api,
+            admin: inherited.admin,
+            admin_socket: cli.admin_socket,
         },
     ))?;
     Ok(())

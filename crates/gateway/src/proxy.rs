@@ -17,7 +17,7 @@ use crate::error::GatewayError;
 use crate::expo::Format;
 use crate::metrics::{KeyLabel, ModelMetrics, ModelStatus, Name};
 use crate::reqlog::{outcome, RequestEvent, Usage};
-use crate::routes::{Backend, Health, ModelRoute, Table};
+use crate::routes::{Backend, Health, InFlight, ModelRoute, Table};
 use crate::throttle::Verdict;
 use crate::Shared;
 
@@ -73,7 +73,10 @@ pub fn err_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// journal entry) when the response body ends or is dropped.
 pub struct Finish {
     shared: Arc<Shared>,
-    backend: Arc<Backend>,
+    /// The request counted in flight on its backend until the body ends.
+    backend: InFlight,
+    /// ... and on its model.
+    _model_in_flight: ModelInFlight,
     /// The model's metric handles (and its name).
     model: Arc<ModelMetrics>,
     /// The API key's name (`key` label).
@@ -140,10 +143,26 @@ impl Finish {
     }
 }
 
+/// A request counted in the model's `in_flight` gauge until dropped,
+/// whichever way it ends (an answer's body ends, an error, a client that
+/// went away while the request waited).
+struct ModelInFlight(Arc<ModelMetrics>);
+
+impl ModelInFlight {
+    fn enter(m: &Arc<ModelMetrics>) -> ModelInFlight {
+        m.in_flight.inc();
+        ModelInFlight(m.clone())
+    }
+}
+
+impl Drop for ModelInFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
 impl Drop for Finish {
     fn drop(&mut self) {
-        self.backend.in_flight.fetch_sub(1, Relaxed);
-        self.model.in_flight.dec();
         if let Some(n) = self.usage.prompt {
             self.model.prompt_tokens.inc_by(n);
         }
@@ -629,7 +648,9 @@ async fn proxy(
         .unwrap_or_else(|| "/".into());
 
     let mut tried: Vec<usize> = Vec::new();
-    metrics.in_flight.inc();
+    // Counted until the answer's body ends, or the request fails or is
+    // dropped (the client went away while it waited): issue 15.
+    let model_in_flight = ModelInFlight::enter(&metrics);
     loop {
         let picked = if tried.len() < MAX_ATTEMPTS {
             route.pick(&tried)
@@ -637,7 +658,6 @@ async fn proxy(
             None
         };
         let Some((idx, backend)) = picked else {
-            metrics.in_flight.dec();
             let err = if tried.is_empty() {
                 not_ready(route, gw)
             } else {
@@ -646,7 +666,7 @@ async fn proxy(
             return Err(Failed::of_model(label, &key, err));
         };
         tried.push(idx);
-        let backend = backend.clone();
+        let backend = InFlight::enter(backend);
         let uri: hyper::Uri = match format!("{}{}", backend.base, path_q).parse() {
             Ok(u) => u,
             Err(_) => continue,
@@ -655,7 +675,6 @@ async fn proxy(
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.headers_mut() = parts.headers.clone();
-        backend.in_flight.fetch_add(1, Relaxed);
         let t_send = Instant::now();
         // Issue 11, item 4: a stream must begin within first_byte_timeout; a
         // non-streamed answer comes only when generation ends (request_timeout).
@@ -672,7 +691,6 @@ async fn proxy(
             Head::BackendDown => {
                 // Found down (a failed probe, an ejection) while this request
                 // waited for its answer: nothing was sent to the client yet.
-                backend.in_flight.fetch_sub(1, Relaxed);
                 tracing::warn!(request_id = rid.to_str().unwrap_or("-"), model = %model, backend = %backend.base, "backend went down while the request waited for its answer; retrying on another replica");
                 shared.metrics.upstream_retries.inc();
                 continue;
@@ -682,7 +700,6 @@ async fn proxy(
             Ok(Ok(resp)) if resp.status().is_server_error() && retry_possible(route, &tried) => {
                 // Issue 11, item 4: a 5xx head, nothing sent to the client yet:
                 // counted against the backend (outlier ejection), retried elsewhere.
-                backend.in_flight.fetch_sub(1, Relaxed);
                 let status = resp.status();
                 drop(resp);
                 tracing::warn!(request_id = rid.to_str().unwrap_or("-"), model = %model, backend = %backend.base, status = status.as_u16(), "backend answered {status}; retrying on another replica");
@@ -711,6 +728,7 @@ async fn proxy(
                 let finish = Finish {
                     shared: shared.clone(),
                     backend,
+                    _model_in_flight: model_in_flight,
                     model: metrics.clone(),
                     key: key.clone(),
                     method: parts.method.clone(),
@@ -730,7 +748,6 @@ async fn proxy(
                 return Ok(resp);
             }
             Ok(Err(e)) => {
-                backend.in_flight.fetch_sub(1, Relaxed);
                 let msg = err_chain(&e);
                 if e.is_connect() {
                     // Nothing was sent: eject this replica and try another.
@@ -755,7 +772,6 @@ async fn proxy(
                     continue;
                 }
                 tracing::warn!(request_id = rid.to_str().unwrap_or("-"), model = %model, backend = %backend.base, error = %msg, "backend request failed");
-                metrics.in_flight.dec();
                 return Err(Failed::of_model(
                     label,
                     &key,
@@ -763,14 +779,12 @@ async fn proxy(
                 ));
             }
             Err(()) => {
-                backend.in_flight.fetch_sub(1, Relaxed);
                 upstream_failed(shared, gw, &backend, &format!("no answer within {wait:?}"));
                 if retry_possible(route, &tried) {
                     tracing::warn!(request_id = rid.to_str().unwrap_or("-"), model = %model, backend = %backend.base, "backend did not begin its answer within {wait:?}; retrying on another replica");
                     shared.metrics.upstream_retries.inc();
                     continue;
                 }
-                metrics.in_flight.dec();
                 return Err(Failed::of_model(
                     label,
                     &key,
@@ -833,7 +847,7 @@ fn retry_possible(route: &ModelRoute, tried: &[usize]) -> bool {
             .backends
             .iter()
             .enumerate()
-            .any(|(i, b)| !tried.contains(&i) && b.health() == Health::Ready)
+            .any(|(i, b)| !tried.contains(&i) && b.routable())
 }
 
 /// A failed request, counted against its backend; an ejection changes the

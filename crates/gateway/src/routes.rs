@@ -63,6 +63,39 @@ pub struct Backend {
     /// Woken whenever the backend stops being ready (a failed probe, an
     /// ejection): requests waiting for its answer move to another backend.
     pub(crate) went_down: tokio::sync::Notify,
+    /// Drained through the admin channel (issue 15): no new request is routed
+    /// to it; those in flight (streams included) finish. Kept across reloads.
+    drained: AtomicBool,
+    /// Woken when the backend is retired: its prober stops at once.
+    retire_notify: tokio::sync::Notify,
+    /// Added through the admin channel (`/admin/add`, a surge instance), not
+    /// configured: kept across reloads while its model exists, gone on restart.
+    pub temporary: bool,
+}
+
+/// One request (or stream) in flight on a backend: counted from before the
+/// request is sent until the answer's body ends or is dropped, whichever way
+/// the request ends (an error, a retry, a client that went away).
+pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    pub fn enter(b: &Arc<Backend>) -> InFlight {
+        b.in_flight.fetch_add(1, Relaxed);
+        InFlight(b.clone())
+    }
+}
+
+impl std::ops::Deref for InFlight {
+    type Target = Arc<Backend>;
+    fn deref(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
 }
 
 /// A backend's ejections (issue 11, item 4, after Envoy's outlier detection).
@@ -88,7 +121,7 @@ pub fn ejection_time(base: Duration, n: u32) -> Duration {
 }
 
 impl Backend {
-    fn new(model: &str, base: &str, health_path: &str) -> Backend {
+    pub(crate) fn new(model: &str, base: &str, health_path: &str, temporary: bool) -> Backend {
         Backend {
             model: model.to_owned(),
             base: base.trim_end_matches('/').to_owned(),
@@ -101,7 +134,65 @@ impl Backend {
             failures: AtomicU32::new(0),
             outlier: Mutex::new(Outlier::default()),
             went_down: tokio::sync::Notify::new(),
+            drained: AtomicBool::new(false),
+            retire_notify: tokio::sync::Notify::new(),
+            temporary,
         }
+    }
+
+    /// Stops its prober (a reload or `/admin/remove` dropped it).
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Relaxed);
+        // notify_one keeps a permit: a prober not waiting yet stops too.
+        self.retire_notify.notify_one();
+    }
+
+    /// Whether new requests may be routed here: ready and not drained.
+    pub fn routable(&self) -> bool {
+        self.health() == Health::Ready && !self.is_drained()
+    }
+
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Relaxed)
+    }
+
+    /// Drains (`true`) or admits (`false`) the backend; returns whether that
+    /// changed anything.
+    pub fn set_drained(&self, on: bool) -> bool {
+        let was = self.drained.swap(on, Relaxed);
+        if was != on {
+            tracing::info!(
+                model = %self.model,
+                backend = %self.base,
+                drained = on,
+                "backend {}: model {} at {}",
+                if on { "drained (no new requests; those in flight finish)" } else { "admitted again" },
+                self.model,
+                self.base
+            );
+        }
+        was != on
+    }
+
+    /// Whether an outlier ejection runs now.
+    pub fn is_ejected(&self) -> bool {
+        self.outlier().until.is_some_and(|u| Instant::now() < u)
+    }
+
+    /// The backend as the admin channel shows it (issue 15).
+    pub fn admin_json(&self) -> serde_json::Value {
+        let health = if self.is_ejected() {
+            "ejected"
+        } else {
+            self.health().as_str()
+        };
+        serde_json::json!({
+            "url": self.base,
+            "health": health,
+            "drained": self.is_drained(),
+            "in_flight": self.in_flight.load(Relaxed),
+            "temporary": self.temporary,
+        })
     }
 
     fn outlier(&self) -> std::sync::MutexGuard<'_, Outlier> {
@@ -232,6 +323,8 @@ impl Backend {
             "url": self.base,
             "state": self.health().as_str(),
             "in_flight": self.in_flight.load(Relaxed),
+            "drained": self.is_drained(),
+            "temporary": self.temporary,
             "last_probe_latency_ms": (lat != u64::MAX).then(|| lat as f64 / 1000.0),
             "last_error": self.last_error.lock().ok().and_then(|e| e.clone()),
         })
@@ -248,16 +341,43 @@ pub struct ModelRoute {
 }
 
 impl ModelRoute {
+    fn new(
+        name: String,
+        aliases: Vec<String>,
+        backends: Vec<Arc<Backend>>,
+        metrics: OnceLock<Arc<ModelMetrics>>,
+    ) -> ModelRoute {
+        ModelRoute {
+            name,
+            aliases,
+            backends,
+            rr: AtomicUsize::new(0),
+            metrics,
+        }
+    }
+
+    /// The same model with other backends (the admin channel's add/remove).
+    pub fn with_backends(&self, backends: Vec<Arc<Backend>>) -> ModelRoute {
+        ModelRoute::new(
+            self.name.clone(),
+            self.aliases.clone(),
+            backends,
+            self.metrics.clone(),
+        )
+    }
+
     /// The model's metric handles (looked up once per routing table).
     pub fn metrics(&self, m: &Metrics) -> &Arc<ModelMetrics> {
         self.metrics.get_or_init(|| Arc::new(m.model(&self.name)))
     }
 
+    /// Ready when a backend can take new requests (ready and not drained):
+    /// a model whose backends are all drained or down answers 503.
     pub fn health(&self) -> Health {
         let mut best = Health::Down;
         for b in &self.backends {
             match b.health() {
-                Health::Ready => return Health::Ready,
+                Health::Ready if !b.is_drained() => return Health::Ready,
                 Health::Loading => best = Health::Loading,
                 _ => {}
             }
@@ -266,7 +386,7 @@ impl ModelRoute {
     }
 
     /// The ready backend with the fewest requests in flight (ties rotate),
-    /// skipping those in `tried`.
+    /// skipping drained ones and those in `tried`.
     pub fn pick(&self, tried: &[usize]) -> Option<(usize, &Arc<Backend>)> {
         let n = self.backends.len();
         let start = if n > 1 {
@@ -281,7 +401,7 @@ impl ModelRoute {
                 continue;
             }
             let b = &self.backends[i];
-            if b.health() != Health::Ready {
+            if !b.routable() {
                 continue;
             }
             let load = b.in_flight.load(Relaxed);
@@ -305,12 +425,77 @@ pub struct Built {
 impl Built {
     /// Retires the dropped backends (their probers stop) and returns the
     /// table and the backends that need a prober.
-    pub fn commit(self) -> (Table, Vec<Arc<Backend>>) {
+    ///
+    /// `current` is the table in use at this moment (the caller holds the
+    /// edit lock, so no admin change runs meanwhile): its temporary backends
+    /// are carried over to the models that still exist, unless the new
+    /// config names their URL itself, and a drained backend stays drained
+    /// even when the new table made a new one for its URL (issue 15).
+    pub fn commit(mut self, current: Option<&Table>) -> (Table, Vec<Arc<Backend>>) {
+        if let Some(cur) = current {
+            let mut changed = false;
+            for route in &mut self.table.models {
+                let Some(old) = cur.models.iter().find(|m| m.name == route.name) else {
+                    continue;
+                };
+                for b in &route.backends {
+                    if self.new_backends.iter().any(|n| Arc::ptr_eq(n, b))
+                        && old
+                            .backends
+                            .iter()
+                            .any(|o| o.base == b.base && o.is_drained())
+                    {
+                        b.drained.store(true, Relaxed);
+                    }
+                }
+                let temps: Vec<Arc<Backend>> = old
+                    .backends
+                    .iter()
+                    .filter(|o| o.temporary && route.backends.iter().all(|b| b.base != o.base))
+                    .cloned()
+                    .collect();
+                if !temps.is_empty() {
+                    let mut backends = route.backends.clone();
+                    backends.extend(temps);
+                    *route = Arc::new(route.with_backends(backends));
+                    changed = true;
+                }
+            }
+            let kept: Vec<&Arc<Backend>> = self
+                .table
+                .models
+                .iter()
+                .flat_map(|m| m.backends.iter())
+                .collect();
+            for m in &cur.models {
+                for b in m.backends.iter().filter(|b| b.temporary) {
+                    if !kept.iter().any(|k| Arc::ptr_eq(k, b)) {
+                        self.retired.push(b.clone());
+                    }
+                }
+            }
+            if changed {
+                self.table.by_name = index(&self.table.models);
+            }
+        }
         for b in &self.retired {
-            b.retired.store(true, Relaxed);
+            b.retire();
         }
         (self.table, self.new_backends)
     }
+}
+
+/// Names and aliases to their model: a name always wins over another
+/// model's alias, the first model wins an alias.
+fn index(models: &[Arc<ModelRoute>]) -> HashMap<String, Arc<ModelRoute>> {
+    let mut by_name = HashMap::new();
+    for route in models {
+        for a in &route.aliases {
+            by_name.entry(a.clone()).or_insert_with(|| route.clone());
+        }
+        by_name.insert(route.name.clone(), route.clone());
+    }
+    by_name
 }
 
 /// Everything a reload replaces.
@@ -318,7 +503,7 @@ pub struct Table {
     pub gateway: citadel_config::Gateway,
     pub models: Vec<Arc<ModelRoute>>,
     pub by_name: HashMap<String, Arc<ModelRoute>>,
-    pub auth: Option<crate::auth::Auth>,
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl Table {
@@ -328,13 +513,14 @@ impl Table {
     /// only once the whole reload succeeded.
     pub fn build(
         settings: &citadel_config::Settings,
-        auth: Option<crate::auth::Auth>,
+        auth: Option<Arc<crate::auth::Auth>>,
         old: Option<&Table>,
     ) -> Built {
         let mut existing: HashMap<(String, String, String), Arc<Backend>> = HashMap::new();
         if let Some(old) = old {
             for m in &old.models {
-                for b in &m.backends {
+                // Temporary backends are carried over by `Built::commit`.
+                for b in m.backends.iter().filter(|b| !b.temporary) {
                     existing.insert(
                         (b.model.clone(), b.base.clone(), b.health_path.clone()),
                         b.clone(),
@@ -344,10 +530,10 @@ impl Table {
         }
         let mut new_backends = Vec::new();
         let mut models = Vec::new();
-        let mut by_name = HashMap::new();
         for m in &settings.models {
             let name = m.name.as_str().to_owned();
-            let mut urls = vec![m.local_url()];
+            // Every local instance (issue 15), then the replicas.
+            let mut urls = m.local_urls();
             urls.extend(m.replicas.iter().cloned());
             let mut backends = Vec::new();
             for u in urls {
@@ -359,35 +545,52 @@ impl Table {
                 let b = match existing.remove(&key) {
                     Some(b) => b,
                     None => {
-                        let b = Arc::new(Backend::new(&name, &u, &m.health_path));
+                        let b = Arc::new(Backend::new(&name, &u, &m.health_path, false));
                         new_backends.push(b.clone());
                         b
                     }
                 };
                 backends.push(b);
             }
-            let route = Arc::new(ModelRoute {
-                name: name.clone(),
-                aliases: m.aliases.clone(),
+            models.push(Arc::new(ModelRoute::new(
+                name,
+                m.aliases.clone(),
                 backends,
-                rr: AtomicUsize::new(0),
-                metrics: OnceLock::new(),
-            });
-            for a in &m.aliases {
-                by_name.entry(a.clone()).or_insert_with(|| route.clone());
-            }
-            by_name.insert(name, route.clone());
-            models.push(route);
+                OnceLock::new(),
+            )));
         }
         Built {
             table: Table {
                 gateway: settings.gateway.clone(),
+                by_name: index(&models),
                 models,
-                by_name,
                 auth,
             },
             new_backends,
             retired: existing.into_values().collect(),
+        }
+    }
+
+    /// The same table with `route` in place of the model of its name (the
+    /// admin channel's add/remove).
+    pub fn with_route(&self, route: ModelRoute) -> Table {
+        let route = Arc::new(route);
+        let models: Vec<Arc<ModelRoute>> = self
+            .models
+            .iter()
+            .map(|m| {
+                if m.name == route.name {
+                    route.clone()
+                } else {
+                    m.clone()
+                }
+            })
+            .collect();
+        Table {
+            gateway: self.gateway.clone(),
+            by_name: index(&models),
+            models,
+            auth: self.auth.clone(),
         }
     }
 
@@ -401,71 +604,86 @@ impl Table {
     }
 }
 
+/// The URL a backend's health check asks.
+fn probe_uri(b: &Backend) -> Result<hyper::Uri, String> {
+    format!("{}{}", b.base, b.health_path)
+        .parse()
+        .map_err(|e| format!("bad backend URL: {e}"))
+}
+
+/// One health check of `b`: its state, latency and error are updated, the
+/// model metrics and STATUS= told.
+pub async fn probe_once(shared: &Shared, b: &Backend) {
+    let uri = match probe_uri(b) {
+        Ok(u) => u,
+        Err(e) => {
+            b.set(&shared.metrics, Health::Down, Some(e));
+            return;
+        }
+    };
+    let interval = shared.table().gateway.probe_interval.duration();
+    let timeout = interval.clamp(Duration::from_millis(500), Duration::from_secs(5));
+    let t0 = Instant::now();
+    let req = hyper::Request::get(uri)
+        .header("user-agent", "citadel-gateway-probe")
+        .body(Full::new(Bytes::new()))
+        // tidy: infallible (a parsed Uri, a static method and header)
+        .expect("valid probe request");
+    let res = tokio::time::timeout(timeout, async {
+        let resp = shared.client.request(req).await?;
+        let status = resp.status();
+        // Drain so the connection can be reused.
+        let _ = resp.into_body().collect().await;
+        Ok::<_, hyper_util::client::legacy::Error>(status)
+    })
+    .await;
+    let lat = t0.elapsed();
+    match res {
+        Ok(Ok(s)) if s == hyper::StatusCode::OK => {
+            b.last_latency_us.store(lat.as_micros() as u64, Relaxed);
+            b.probe_passed(&shared.metrics)
+        }
+        Ok(Ok(s)) => {
+            b.last_latency_us.store(lat.as_micros() as u64, Relaxed);
+            b.set(
+                &shared.metrics,
+                Health::Loading,
+                Some(format!("health check answered {s}")),
+            )
+        }
+        Ok(Err(e)) => b.set(
+            &shared.metrics,
+            Health::Down,
+            Some(crate::proxy::err_chain(&e)),
+        ),
+        Err(_) => b.set(
+            &shared.metrics,
+            Health::Down,
+            Some(format!("health check timed out after {timeout:?}")),
+        ),
+    }
+    shared.metrics.observe_models(&shared.table());
+    shared.status_changed.notify_one();
+    shared.probed.notify_waiters();
+}
+
 /// Probes one backend every `probe_interval` until it is retired or the gateway stops.
 pub fn spawn_prober(shared: Arc<Shared>, b: Arc<Backend>) {
     tokio::spawn(async move {
-        let uri: hyper::Uri = match format!("{}{}", b.base, b.health_path).parse() {
-            Ok(u) => u,
-            Err(e) => {
-                b.set(
-                    &shared.metrics,
-                    Health::Down,
-                    Some(format!("bad backend URL: {e}")),
-                );
-                return;
-            }
-        };
+        if let Err(e) = probe_uri(&b) {
+            b.set(&shared.metrics, Health::Down, Some(e));
+            return;
+        }
         loop {
             if b.retired.load(Relaxed) || shared.stopping.load(Relaxed) {
                 return;
             }
+            probe_once(&shared, &b).await;
             let interval = shared.table().gateway.probe_interval.duration();
-            let timeout = interval.clamp(Duration::from_millis(500), Duration::from_secs(5));
-            let t0 = Instant::now();
-            let req = hyper::Request::get(uri.clone())
-                .header("user-agent", "citadel-gateway-probe")
-                .body(Full::new(Bytes::new()))
-                // tidy: infallible (a parsed Uri, a static method and header)
-                .expect("valid probe request");
-            let res = tokio::time::timeout(timeout, async {
-                let resp = shared.client.request(req).await?;
-                let status = resp.status();
-                // Drain so the connection can be reused.
-                let _ = resp.into_body().collect().await;
-                Ok::<_, hyper_util::client::legacy::Error>(status)
-            })
-            .await;
-            let lat = t0.elapsed();
-            match res {
-                Ok(Ok(s)) if s == hyper::StatusCode::OK => {
-                    b.last_latency_us.store(lat.as_micros() as u64, Relaxed);
-                    b.probe_passed(&shared.metrics)
-                }
-                Ok(Ok(s)) => {
-                    b.last_latency_us.store(lat.as_micros() as u64, Relaxed);
-                    b.set(
-                        &shared.metrics,
-                        Health::Loading,
-                        Some(format!("health check answered {s}")),
-                    )
-                }
-                Ok(Err(e)) => b.set(
-                    &shared.metrics,
-                    Health::Down,
-                    Some(crate::proxy::err_chain(&e)),
-                ),
-                Err(_) => b.set(
-                    &shared.metrics,
-                    Health::Down,
-                    Some(format!("health check timed out after {timeout:?}")),
-                ),
-            }
-            shared.metrics.observe_models(&shared.table());
-            shared.status_changed.notify_one();
-            shared.probed.notify_waiters();
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = shared.stop_notify.notified() => {}
+                _ = b.retire_notify.notified() => {}
             }
         }
     });
