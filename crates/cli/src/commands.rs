@@ -130,7 +130,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Stop { services } => {
             with_settings(&ctx, |s| block_on(control::jobs(s, "stop", &services)))
         }
-        Command::Restart { services } => {
+        Command::Restart {
+            rolling: Some(model),
+            ..
+        } => with_checked_settings(&ctx, |s| {
+            block_on(crate::rolling::rolling(s, &ctx.root, &model))
+        }),
+        Command::Restart {
+            surge: Some(model), ..
+        } => with_checked_settings(&ctx, |s| {
+            block_on(crate::rolling::surge(s, &ctx.root, &model))
+        }),
+        Command::Restart { services, .. } => {
             with_checked_settings(&ctx, |s| block_on(control::jobs(s, "restart", &services)))
         }
         Command::Reload { services } => {

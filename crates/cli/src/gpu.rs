@@ -215,7 +215,7 @@ pub struct DeviceInfo {
     pub migs: Vec<String>,
 }
 
-fn run_smi(driver: &Driver, args: &[&str]) -> Result<String, DriverError> {
+pub(crate) fn run_smi(driver: &Driver, args: &[&str]) -> Result<String, DriverError> {
     let shown = driver.nvidia_smi.to_string_lossy().into_owned();
     let smi_error = |detail: String| DriverError::Smi {
         program: shown.clone(),

@@ -3,6 +3,9 @@
 //! Exit codes:
 //! - 0: success;
 //! - 1: validation failed (the config, `systemd-analyze verify` or the security targets);
+//!   `restart --rolling`/`--surge` also exit 1 when they refuse (one instance,
+//!   not enough memory, the gateway or an instance not ready: nothing changed)
+//!   or stop on the way (they say what state each instance is in);
 //! - 2: usage or runtime error (bad arguments, unreadable files, a failing tool,
 //!   systemd not running as PID 1), including a refusal that changed nothing: a
 //!   file where Citadel renders its own that Citadel did not write, or an existing
@@ -16,6 +19,7 @@
 #[macro_use]
 mod out;
 
+mod admin;
 mod analyze;
 mod assets;
 mod commands;
@@ -25,6 +29,7 @@ mod gpu;
 mod install;
 mod observe;
 mod owned;
+mod rolling;
 mod running;
 mod services;
 mod systemd;
@@ -101,8 +106,21 @@ enum Command {
     },
     /// Stop services (default: the whole stack; gateway and models stop in parallel, each drains)
     Stop { services: Vec<String> },
-    /// Restart services (default: the gateway and the models that are enabled or running)
-    Restart { services: Vec<String> },
+    /// Restart services (default: the gateway and the models that are enabled or running);
+    /// `--rolling`/`--surge MODEL` restart a model without downtime
+    Restart {
+        #[arg(conflicts_with_all = ["rolling", "surge"])]
+        services: Vec<String>,
+        /// Restart MODEL's instances one at a time, each drained at the gateway first
+        /// (needs 2+ instances); exit 1 when refused or stopped
+        #[arg(long, value_name = "MODEL", conflicts_with = "surge")]
+        rolling: Option<String>,
+        /// Start a temporary instance of MODEL on a spare port, then roll MODEL's instances
+        /// behind it and remove it (needs the memory of one more instance); exit 1 when
+        /// refused or stopped
+        #[arg(long, value_name = "MODEL")]
+        surge: Option<String>,
+    },
     /// Reload the gateway's config, API keys and limits without dropping connections
     Reload { services: Vec<String> },
     /// Enable services at boot (default: the whole stack)

@@ -156,6 +156,42 @@ impl Systemd {
         Ok(outcomes)
     }
 
+    /// How long the unit's last start took, from its main process's start
+    /// (`ExecMainStartTimestamp`) to active (`ActiveEnterTimestamp`), both
+    /// monotonic; `None` when it has not become active since that process
+    /// started (issue 15: what a plain restart of a model costs).
+    pub async fn last_start_duration(&self, unit: &str) -> Result<Option<Duration>> {
+        let path = self
+            .manager
+            .load_unit(unit.to_owned())
+            .await
+            .with_context(|| format!("cannot load {unit}"))?;
+        let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
+            .destination("org.freedesktop.systemd1")
+            .path(path)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        let get = |iface: &'static str, name: &'static str| {
+            let props = &props;
+            async move {
+                props
+                    .get(
+                        zbus::names::InterfaceName::from_static_str_unchecked(iface),
+                        name,
+                    )
+                    .await
+                    .ok()
+                    .and_then(|v| u64::try_from(&v).ok())
+                    .unwrap_or(0)
+            }
+        };
+        let started = get("org.freedesktop.systemd1.Service", "ExecMainStartTimestampMonotonic").await;
+        let active = get("org.freedesktop.systemd1.Unit", "ActiveEnterTimestampMonotonic").await;
+        Ok((started > 0 && active >= started)
+            .then(|| Duration::from_micros(active - started)))
+    }
+
     /// The state of `unit` (loaded on demand; unknown units have load_state `not-found`).
     pub async fn unit_state(&self, unit: &str) -> Result<UnitState> {
         let path = self
