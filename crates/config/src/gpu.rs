@@ -170,7 +170,8 @@ pub struct SharedGpu<'a> {
     pub models: Vec<&'a Model>,
 }
 
-/// The GPUs that several models use, where `identity` says which entries are
+/// The GPUs that several entries of `models` use (a model, or a local instance
+/// as [`Model::local_instances`] gives it), where `identity` says which GPU entries are
 /// the same device (the entry's text before resolution, the UUID after).
 /// Ordered by identity; deterministic.
 pub fn shared_gpus<'a>(
@@ -181,7 +182,10 @@ pub fn shared_gpus<'a>(
     for m in models {
         for g in &m.gpus {
             let users = by_gpu.entry(identity(g)).or_default();
-            if !users.iter().any(|u| u.name == m.name) {
+            // The same entry of `models` once per GPU (two of its entries may be
+            // one device); entries are distinct users even under one name (the
+            // local instances of a model, issue 15).
+            if !users.iter().any(|u| std::ptr::eq(*u, m)) {
                 users.push(m);
             }
         }

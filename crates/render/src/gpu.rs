@@ -56,13 +56,14 @@ impl Host {
 /// The name of the modules-load.d file (below `modules-load.d/`).
 pub const MODULES_LOAD_FILE: &str = "modules-load.d/citadel-nvidia.conf";
 
-/// `modules-load.d/citadel-nvidia.conf` when any model has GPUs: the driver and
+/// `modules-load.d/citadel-nvidia.conf` when any model (or instance) has GPUs: the driver and
 /// `nvidia-uvm` loaded at boot. The units cannot load them on demand:
 /// `NoNewPrivileges=yes` and the empty capability set stop the setuid
 /// `nvidia-modprobe` that CUDA would run, and `/dev/nvidia-uvm` must exist
 /// before a model starts.
 pub fn modules_load(settings: &Settings, header: &str) -> Option<RenderedFile> {
-    if settings.models.iter().all(|m| m.gpus.is_empty()) {
+    let no_gpus = |m: &Model| m.gpus.is_empty() && m.instances.iter().all(|i| i.gpus.is_empty());
+    if settings.models.iter().all(no_gpus) {
         return None;
     }
     let mut contents = header.to_owned();
@@ -79,17 +80,56 @@ pub fn modules_load(settings: &Settings, header: &str) -> Option<RenderedFile> {
     })
 }
 
-/// `After=` the models that share a GPU with `m` and come before it (by
-/// port): models on one GPU start one after another (vLLM's concurrent start
-/// on one GPU is a known failure). Goes into the drop-in's `[Unit]` section.
-pub(crate) fn start_order(w: &mut UnitWriter, settings: &Settings, m: &Model, host: &Host) {
-    let before: BTreeSet<String> =
-        citadel_config::gpu::shared_gpus(&settings.models, |r| host.identity(r))
-            .iter()
-            .filter(|s| s.models.iter().any(|o| o.name == m.name))
-            .flat_map(|s| s.models.iter().take_while(|o| o.name != m.name))
-            .map(|o| o.unit_name())
-            .collect();
+/// `After=` the model instances that share a GPU with `m` and come before it
+/// (by port): engines on one GPU start one after another (vLLM's concurrent
+/// start on one GPU is a known failure). Every local instance is a GPU user of
+/// its own (issue 15): two instances on one GPU are ordered, instances on
+/// different GPUs are not. `m` is the model as instance `instance` runs it; an
+/// instance the config does not name (the CLI's temporary `NAME:surge`) starts
+/// after every configured instance it shares a GPU with. Goes into the
+/// drop-in's `[Unit]` section.
+pub(crate) fn start_order(
+    w: &mut UnitWriter,
+    settings: &Settings,
+    m: &Model,
+    instance: &str,
+    host: &Host,
+) {
+    let mut units = Vec::new();
+    let mut users = Vec::new();
+    for model in &settings.models {
+        for (n, inst) in model.local_instances() {
+            units.push(model.instance_unit(n));
+            users.push(inst);
+        }
+    }
+    let unit = crate::units::instance_unit_name(instance);
+    let configured = units.iter().position(|u| *u == unit);
+    let me = match configured {
+        Some(i) => {
+            users[i] = m.clone();
+            i
+        }
+        None => {
+            units.push(unit);
+            users.push(m.clone());
+            users.len() - 1
+        }
+    };
+    let index = |o: &Model| users.iter().position(|u| std::ptr::eq(u, o));
+    let before: BTreeSet<String> = citadel_config::gpu::shared_gpus(&users, |r| host.identity(r))
+        .iter()
+        .filter(|s| s.models.iter().any(|o| index(o) == Some(me)))
+        .flat_map(|s| {
+            let others = s.models.iter().filter_map(|o| index(o));
+            if configured.is_some() {
+                others.take_while(|i| *i != me).collect::<Vec<_>>()
+            } else {
+                others.filter(|i| *i != me).collect()
+            }
+        })
+        .map(|i| units[i].clone())
+        .collect();
     if before.is_empty() {
         return;
     }

@@ -129,6 +129,35 @@ impl Rendered {
     }
 }
 
+/// The drop-in of one instance of a model, for a unit `render_with` does not
+/// make: the CLI's temporary surge instance of a surge restart (issue 15),
+/// `citadel-model@NAME:surge.service`, whose drop-in goes to
+/// `/run/systemd/system/citadel-model@NAME:surge.service.d/`.
+///
+/// `model` is the model as that instance runs it (e.g. the Model of
+/// `Settings::instance(..)` with its port replaced); `instance_name` is
+/// `NAME` (instance 1), `NAME:N` or `NAME:SUFFIX`, where `NAME` is
+/// `model.name`. Every name but `NAME` gets its own cache and state
+/// directories `citadel/NAME/SUFFIX` (`citadel/phi3/surge`), the
+/// `SyslogIdentifier=citadel-NAME-SUFFIX` and
+/// `LogExtraFields=CITADEL_INSTANCE=NAME:SUFFIX`. For a configured instance
+/// name the text is the one [`render_with`] gives for it (with `model`). An
+/// instance the config does not name starts after every configured instance
+/// it shares a GPU with.
+///
+/// The surge port is not rendered here: the text ends in the `[Service]`
+/// section, so the caller appends `Environment=CITADEL_SURGE_PORT=P` as a
+/// last line. Pure; cannot fail (a suffix that is not a directory name of
+/// `[A-Za-z0-9._-]` gets no cache/state directories, with a comment).
+pub fn instance_dropin(
+    settings: &Settings,
+    host: &Host,
+    model: &citadel_config::Model,
+    instance_name: &str,
+) -> String {
+    units::instance_drop_in_text(settings, model, instance_name, host)
+}
+
 /// Renders the whole stack for a host about which nothing is known (GPU
 /// indexes unresolved: see [`render_with`]). Pure and deterministic; see the
 /// crate docs.
@@ -148,27 +177,35 @@ pub fn render_with(settings: &Settings, host: &Host) -> Rendered {
         units::sysusers(settings),
         units::tmpfiles(settings),
         network::gateway_socket(settings),
+        network::gateway_admin_socket(settings),
     ];
     files.extend(network::netns_unit(settings));
-    files.extend(
-        settings
-            .models
-            .iter()
-            .map(|m| units::model_drop_in(settings, m, host)),
-    );
+    // One drop-in per local instance (issue 15): `citadel-model@NAME.service.d`
+    // for instance 1, `citadel-model@NAME:N.service.d` for instance N.
+    files.extend(settings.models.iter().flat_map(|m| {
+        m.local_instances().into_iter().map(move |(n, inst)| {
+            units::instance_drop_in(settings, &inst, &m.instance_name(n), host)
+        })
+    }));
     files.extend(gpu::modules_load(settings, &units::header(settings, "#")));
     files.sort_by(|a, b| a.path.cmp(&b.path));
 
-    let model_units: Vec<String> = settings.models.iter().map(|m| m.unit_name()).collect();
+    let model_units: Vec<String> = settings
+        .models
+        .iter()
+        .flat_map(|m| (1..=m.instance_count()).map(|n| m.instance_unit(n)))
+        .collect();
     let mut enable = vec![
         citadel_config::unit_names::TARGET.to_owned(),
         citadel_config::unit_names::GATEWAY_SOCKET.to_owned(),
+        citadel_config::unit_names::GATEWAY_ADMIN_SOCKET.to_owned(),
         citadel_config::unit_names::GATEWAY.to_owned(),
     ];
     enable.extend(model_units.iter().cloned());
     let mut verify = vec![
         citadel_config::unit_names::TARGET.to_owned(),
         citadel_config::unit_names::GATEWAY_SOCKET.to_owned(),
+        citadel_config::unit_names::GATEWAY_ADMIN_SOCKET.to_owned(),
         citadel_config::unit_names::GATEWAY.to_owned(),
     ];
     if settings.engine_network().is_isolated() {

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use citadel_config::units::Timespan;
-use citadel_config::{unit_names, EngineKind, Limits, Model, Settings};
+use citadel_config::{unit_names, EngineKind, Limits, Model, Settings, INSTANCE_SEPARATOR};
 
 use crate::writer::{
     comment_text, table_line, Account, Credential, EnvAssignment, ExecArg, ExecLine, ExecPath,
-    Literal, TableField, Token, UnitNames, UnitPath, UnitWriter,
+    Literal, ServiceDir, TableField, Token, UnitNames, UnitPath, UnitValue, UnitWriter,
 };
 use crate::{FileKind, RenderedFile};
 
@@ -185,27 +185,75 @@ pub fn model_template(settings: &Settings) -> RenderedFile {
     unit(unit_names::MODEL_TEMPLATE, w)
 }
 
-/// The per-model drop-in: everything that differs between models. `host`
-/// holds the resolved GPUs (see `gpu.rs`).
-pub fn model_drop_in(settings: &Settings, m: &Model, host: &crate::gpu::Host) -> RenderedFile {
+/// The drop-in of one local instance of a model (issue 15): everything that
+/// differs between models and instances. `m` is the model as that instance
+/// runs it (its port and GPUs: [`Model::local_instances`]), `instance` its
+/// instance name (`NAME`, `NAME:N`, or the CLI's temporary `NAME:surge`).
+/// `host` holds the resolved GPUs (see `gpu.rs`).
+pub fn instance_drop_in(
+    settings: &Settings,
+    m: &Model,
+    instance: &str,
+    host: &crate::gpu::Host,
+) -> RenderedFile {
+    RenderedFile {
+        path: PathBuf::from(format!("{}.d/{DROP_IN_NAME}", instance_unit_name(instance))),
+        kind: FileKind::DropIn,
+        contents: instance_drop_in_text(settings, m, instance, host),
+    }
+}
+
+/// `citadel-model@INSTANCE.service`.
+pub(crate) fn instance_unit_name(instance: &str) -> String {
+    format!("citadel-model@{instance}.service")
+}
+
+/// What follows the model's name in an instance name (`2` in `phi3:2`,
+/// `surge` in `phi3:surge`); None for instance 1, whose name is the model's.
+/// A name that does not begin with `NAME:` is taken whole (the writer refuses
+/// what cannot be a directory name).
+fn instance_suffix<'a>(m: &Model, instance: &'a str) -> Option<&'a str> {
+    if instance == m.name.as_str() {
+        return None;
+    }
+    Some(
+        instance
+            .strip_prefix(m.name.as_str())
+            .and_then(|r| r.strip_prefix(INSTANCE_SEPARATOR))
+            .unwrap_or(instance),
+    )
+}
+
+/// The text of [`instance_drop_in`].
+pub(crate) fn instance_drop_in_text(
+    settings: &Settings,
+    m: &Model,
+    instance: &str,
+    host: &crate::gpu::Host,
+) -> String {
     let kind = m.engine.kind();
+    let suffix = instance_suffix(m, instance);
     let mut w = UnitWriter::new(&header(settings, "#"));
     w.section("Unit").set(
         "Description",
         Literal::new(format!(
-            "Citadel model {} ({kind} on 127.0.0.1:{})",
-            m.name, m.port
+            "Citadel model {instance} ({kind} on 127.0.0.1:{})",
+            m.port
         )),
     );
-    crate::gpu::start_order(&mut w, settings, m, host);
+    crate::gpu::start_order(&mut w, settings, m, instance, host);
+    let syslog_identifier = match suffix {
+        None => format!("citadel-{}", m.name),
+        Some(s) => format!("citadel-{}-{s}", m.name),
+    };
     w.section("Service")
-        .set(
-            "SyslogIdentifier",
-            Literal::new(format!("citadel-{}", m.name)),
-        )
+        .set("SyslogIdentifier", Literal::new(syslog_identifier))
         .comment(&format!(
-            "`journalctl CITADEL_SERVICE={}` shows this model's supervisor and engine.",
+            "`journalctl CITADEL_SERVICE={}` shows this model's supervisors and engines (every",
             m.name
+        ))
+        .comment(&format!(
+            "instance), `journalctl CITADEL_INSTANCE={instance}` this instance's alone."
         ))
         .set(
             "LogExtraFields",
@@ -213,8 +261,15 @@ pub fn model_drop_in(settings: &Settings, m: &Model, host: &crate::gpu::Host) ->
         )
         .set(
             "LogExtraFields",
+            EnvAssignment::new("CITADEL_INSTANCE", instance),
+        )
+        .set(
+            "LogExtraFields",
             EnvAssignment::new("CITADEL_ENGINE", kind.to_string()),
         );
+    if let Some(suffix) = suffix {
+        instance_dirs(&mut w, m, suffix);
+    }
     w.comment(&format!(
         "Loading may take up to {}: citadel-model extends TimeoutStartSec while the engine loads.",
         m.start_timeout
@@ -238,10 +293,28 @@ pub fn model_drop_in(settings: &Settings, m: &Model, host: &crate::gpu::Host) ->
     limits(&mut w, &m.limits);
     crate::gpu::devices(&mut w, m, host);
     engine_profile(&mut w, settings, m);
-    RenderedFile {
-        path: PathBuf::from(format!("{}.d/{DROP_IN_NAME}", m.unit_name())),
-        kind: FileKind::DropIn,
-        contents: w.finish(),
+    w.finish()
+}
+
+/// An instance's own cache and state directories, `citadel/NAME/SUFFIX`: the
+/// template's `citadel/%i` would be read as `citadel/NAME` with a symlink
+/// `SUFFIX` (systemd's `a:b` syntax), shared with instance 1. The empty
+/// assignment resets the template's list first. Limits stay per unit: each
+/// instance gets the model's.
+fn instance_dirs(w: &mut UnitWriter, m: &Model, suffix: &str) {
+    let dir = ServiceDir::new(&["citadel", m.name.as_str(), suffix]);
+    w.comment("This instance's own cache and state directories (the template's citadel/%i would")
+        .comment("read NAME:N as directory NAME with a symlink N, shared with instance 1).");
+    if dir.encode().is_ok() {
+        w.set("CacheDirectory", "")
+            .set("CacheDirectory", dir.clone())
+            .set("StateDirectory", "")
+            .set("StateDirectory", dir);
+    } else {
+        // Left out with a comment, and the template's reset neither: nothing
+        // is written that systemd would read differently.
+        w.set("CacheDirectory", dir.clone())
+            .set("StateDirectory", dir);
     }
 }
 

@@ -19,6 +19,7 @@
 //! | [`ExecLine`] | `ExecStart=` | words as above; the command: prefixes `-@:+!`, `string_is_safe`; arguments: `$VAR`/`${VAR}` expanded at exec time | absolute command path, arguments `$` -> `$$`, `%%`, quoted |
 //! | [`UnitPath`] | `ReadWritePaths=`, `DeviceAllow=` | `extract_first_word(EXTRACT_UNQUOTE)` (no C escapes), then `-`/`+` prefixes, specifiers | `"-/srv/my models"`: prefix inside the quotes, only `\\` and `\"` escaped |
 //! | [`Credential`] | `LoadCredential=` | name: `extract_first_word(":", 0)` (backslash escapes, no quotes); path: the raw rest of the line | name `\`-escaped, path verbatim, both `%%`; the path must be absolute |
+//! | [`ServiceDir`] | `CacheDirectory=`, `StateDirectory=` | `extract_first_word(EXTRACT_UNQUOTE)`, specifiers, then a relative normalized path; `a:b` means `a` with symlink `b` | components of `[A-Za-z0-9._-]` only (no `:`, `.`, `..`) |
 //! | [`UnitNames`] | `Wants=`, `After=` | `extract_first_word(EXTRACT_RETAIN_ESCAPE)`, unit name specifiers | names from the unit name alphabet only |
 //! | [`Token`] | numbers, sizes, spans, addresses | literal | only characters no parser treats specially |
 //! | [`TableField`] | tmpfiles.d, sysusers.d columns | `extract_many_words(EXTRACT_UNQUOTE)` (tmpfiles.d(5) promises C escapes, systemd 252 does not decode them in the path), specifiers in the path | quoted when needed, only `\\` and `\"` escaped (read alike with or without C escapes), `%%` |
@@ -438,6 +439,37 @@ impl UnitValue for UnitNames {
     }
 }
 
+/// A directory below `/var/cache` or `/var/lib` for `CacheDirectory=` and
+/// `StateDirectory=` (issue 15): a relative path of components made of
+/// `[A-Za-z0-9._-]`, none `.` or `..`. Such a path needs no quoting or
+/// escaping; `:` is refused, since systemd reads `a:b` as directory `a` with a
+/// symlink `b` (an instance name `phi3:2` must become `phi3/2`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceDir(String);
+
+impl ServiceDir {
+    pub fn new(components: &[&str]) -> ServiceDir {
+        ServiceDir(components.join("/"))
+    }
+}
+
+impl UnitValue for ServiceDir {
+    fn encode(&self) -> Result<String, Unwritable> {
+        let component_ok = |c: &str| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.chars()
+                    .all(|x| x.is_ascii_alphanumeric() || "._-".contains(x))
+        };
+        if self.0.split('/').all(component_ok) {
+            Ok(self.0.clone())
+        } else {
+            Err(Unwritable::InvalidName)
+        }
+    }
+}
+
 /// A column of a tmpfiles.d or sysusers.d line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TableField {
@@ -769,6 +801,38 @@ mod tests {
             Err(Unwritable::TrailingBackslash)
         );
         assert_eq!(Literal::new("x\\\\").encode().unwrap(), "x\\\\");
+    }
+
+    /// Issue 15: an instance's cache and state directories are plain relative
+    /// paths; `:` (systemd's "with symlink"), `%`, quotes, `..` are refused.
+    #[test]
+    fn issue15_service_dirs_refuse_colon_and_dot_dot() {
+        assert_eq!(
+            ServiceDir::new(&["citadel", "phi3", "2"]).encode().unwrap(),
+            "citadel/phi3/2"
+        );
+        assert_eq!(
+            ServiceDir::new(&["citadel", "m-1_x.y", "surge"])
+                .encode()
+                .unwrap(),
+            "citadel/m-1_x.y/surge"
+        );
+        for bad in [
+            &["citadel", "phi3:2"][..],
+            &["citadel", ".."],
+            &["citadel", "."],
+            &["citadel", ""],
+            &["/citadel"],
+            &["citadel", "a b"],
+            &["citadel", "50%i"],
+            &["citadel", "a\nb"],
+        ] {
+            assert_eq!(
+                ServiceDir::new(bad).encode(),
+                Err(Unwritable::InvalidName),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
