@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use citadel_config::units::Timespan;
-use citadel_config::{parse, Settings};
-use citadel_render::{render, Rendered, INVALID_ACCOUNT};
+use citadel_config::{parse, Port, Settings};
+use citadel_render::{instance_dropin, render, Host, Rendered, INVALID_ACCOUNT};
 use proptest::prelude::*;
 
 /// A small reader of systemd's file formats, written from the man pages and
@@ -390,6 +390,11 @@ port = 11400
 engine = "ollama"
 model = "llama3"
 gpus = [0]
+
+# Issue 15: a further instance, whose drop-in is checked like the model's.
+[[models.m.instances]]
+port = 11401
+gpus = [1]
 "#;
 
 fn base_settings() -> Settings {
@@ -540,6 +545,16 @@ fn check(h: &Hostile) -> Result<(), String> {
         };
         r.map_err(|e| format!("{name}: {e}\n--- rendered ---\n{}", f.contents))?;
     }
+    // Issue 15: the surge instance's drop-in, which the CLI writes itself.
+    let surge = |s: &Settings| {
+        let (_, _, mut m) = s.instance("m").ok_or("no instance m")?;
+        m.port = Port::new(11499)?;
+        Ok::<_, String>(instance_dropin(s, &Host::default(), &m, "m:surge"))
+    };
+    let (text, base) = (surge(&settings)?, surge(&h.benign().apply())?);
+    let name = "citadel-model@m:surge.service.d/50-citadel.conf";
+    check_unit(h, &settings, name, &text, &base)
+        .map_err(|e| format!("{name}: {e}\n--- rendered ---\n{text}"))?;
     Ok(())
 }
 
@@ -987,6 +1002,65 @@ fn issue9_render_overflow_huge_stop_and_drain_timeouts_do_not_panic() {
         "{}",
         drop_in.contents
     );
+}
+
+/// Issue 15: the instance drop-ins read back the way systemd reads them: one
+/// relative directory without `:` (systemd's "with symlink") after the reset,
+/// the instance's journal fields, the model's name in `CITADEL_SERVICE`.
+#[test]
+fn issue15_instance_dropins_parse_back() {
+    let s = base_settings();
+    let (_, _, mut surge) = s.instance("m").unwrap();
+    surge.port = Port::new(11499).unwrap();
+    let rendered = render(&s);
+    let two = rendered
+        .file("citadel-model@m:2.service.d/50-citadel.conf")
+        .expect("instance 2's drop-in")
+        .contents
+        .clone();
+    let surge_text = instance_dropin(&s, &Host::default(), &surge, "m:surge");
+    for (text, instance, suffix) in [(two, "m:2", "2"), (surge_text, "m:surge", "surge")] {
+        let parsed = parse_unit(&text).unwrap();
+        let values = |key: &str, flags: Flags| -> Vec<String> {
+            parsed
+                .directives
+                .iter()
+                .filter(|d| d.section == "Service" && d.key == key)
+                .map(|d| {
+                    words(&d.value, flags)
+                        .unwrap()
+                        .iter()
+                        .map(|w| unspecifier(w).unwrap())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect()
+        };
+        for key in ["CacheDirectory", "StateDirectory"] {
+            let dirs = values(key, UNQUOTE);
+            assert_eq!(
+                dirs,
+                ["".to_owned(), format!("citadel/m/{suffix}")],
+                "{key}"
+            );
+            assert!(dirs.iter().all(|d| !d.contains(':')), "{dirs:?}");
+        }
+        assert_eq!(
+            values("LogExtraFields", UNQUOTE_CUNESCAPE),
+            [
+                "CITADEL_SERVICE=m".to_owned(),
+                format!("CITADEL_INSTANCE={instance}"),
+                "CITADEL_ENGINE=ollama".to_owned()
+            ]
+        );
+        let syslog: Vec<&str> = parsed
+            .directives
+            .iter()
+            .filter(|d| d.key == "SyslogIdentifier")
+            .map(|d| d.value.as_str())
+            .collect();
+        assert_eq!(syslog, [format!("citadel-m-{suffix}")]);
+    }
 }
 
 /// Characters that mean something to some systemd parser, and some that do not.

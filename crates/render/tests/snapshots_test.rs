@@ -21,7 +21,7 @@ fn snapshot_all(stack: &str, s: &Settings) {
 fn snapshot_all_on(stack: &str, s: &Settings, host: &Host) {
     let rendered = render_with(s, host);
     for f in &rendered.files {
-        let name = format!("{stack}__{}", f.path.display()).replace(['/', '@'], "_");
+        let name = format!("{stack}__{}", f.path.display()).replace(['/', '@', ':'], "_");
         insta::assert_snapshot!(name, &f.contents);
     }
 }
@@ -127,6 +127,35 @@ fn gpu_model() {
     snapshot_all_on("gpu", &settings(GPU_MODEL), &swapped_minors());
 }
 
+/// Issue 15: a model with further local instances, on the swapped-minors
+/// host: instance 2 on its own GPU, instance 3 on the model's (so it starts
+/// after instance 1).
+const INSTANCES: &str = r#"
+[gateway]
+auth = false
+
+[models.phi3]
+port = 11403
+engine = "vllm"
+model = "/opt/citadel/models/phi-3-mini"
+gpus = [0]
+gpu_memory_utilization = 0.45
+memory_max = "16G"
+cpus = 4
+
+[[models.phi3.instances]]
+port = 11404
+gpus = [1]
+
+[[models.phi3.instances]]
+port = 11405
+"#;
+
+#[test]
+fn issue15_instances_stack() {
+    snapshot_all_on("instances", &settings(INSTANCES), &swapped_minors());
+}
+
 #[test]
 fn eight_models_render_one_drop_in_each() {
     let s = settings(&eight_models());
@@ -139,8 +168,8 @@ fn eight_models_render_one_drop_in_each() {
     assert_eq!(drop_ins, 8);
     assert_eq!(
         rendered.enable.len(),
-        11,
-        "target, gateway socket, gateway and 8 models: {:?}",
+        12,
+        "target, gateway sockets (API, admin), gateway and 8 models: {:?}",
         rendered.enable
     );
     snapshot_all("eight", &s);
