@@ -61,7 +61,7 @@ pub fn analyze(settings: &Settings, rendered: &Rendered, bin_dir: &Path) -> Resu
     let out = Command::new(&tool)
         .arg("verify")
         .arg(&root_arg)
-        .args(&verify_units)
+        .args(verify_units.iter().map(|u| verify_arg(root.path(), u)))
         .env("SYSTEMD_LOG_COLOR", "0")
         .output()
         .context("cannot run systemd-analyze verify")?;
@@ -105,6 +105,24 @@ pub fn analyze(settings: &Settings, rendered: &Rendered, bin_dir: &Path) -> Resu
         verify_output,
         exposures,
     })
+}
+
+/// How `systemd-analyze verify` is told to check `unit`. It reads an argument
+/// `FILE:ALIAS` as "FILE, loaded under the name ALIAS" (systemd 252,
+/// `process_aliases()`), so an instance with `:` in its name
+/// (`citadel-model@phi3:2.service`, issue 15) would be read as the file
+/// `citadel-model@phi3` and fail. Such an instance is given as its template's
+/// file in the scratch root, loaded under the instance's name: `%i` is the
+/// instance, and its drop-ins come from the root as for any other unit.
+fn verify_arg(root: &Path, unit: &str) -> String {
+    let Some((prefix, rest)) = unit.split_once('@').filter(|_| unit.contains(':')) else {
+        return unit.to_owned();
+    };
+    let kind = rest.rsplit_once('.').map_or("service", |(_, k)| k);
+    let template = root
+        .join(&citadel_render::VENDOR_UNIT_DIR[1..])
+        .join(format!("{prefix}@.{kind}"));
+    format!("{}:{unit}", template.display())
 }
 
 fn parse_exposure(text: &str) -> Option<f64> {
@@ -206,5 +224,76 @@ mod tests {
             "✗ UMask= ...\n\n→ Overall exposure level for citadel-gateway.service: 1.2 OK 🙂\n";
         assert_eq!(parse_exposure(text), Some(1.2));
         assert_eq!(parse_exposure("nothing"), None);
+    }
+
+    /// Issue 15: `verify` reads `a:b` as file `a` loaded as `b`; an instance
+    /// name with `:` is given as its template's file under the instance's name.
+    #[test]
+    fn issue15_instance_with_colon_is_verified_through_its_template() {
+        let root = Path::new("/tmp/citadel-validate-x");
+        assert_eq!(
+            verify_arg(root, "citadel-model@phi3.service"),
+            "citadel-model@phi3.service"
+        );
+        assert_eq!(verify_arg(root, "citadel.target"), "citadel.target");
+        assert_eq!(
+            verify_arg(root, "citadel-model@phi3:2.service"),
+            "/tmp/citadel-validate-x/usr/local/lib/systemd/system/citadel-model@.service:citadel-model@phi3:2.service"
+        );
+    }
+
+    /// Issue 15: systemd 252 accepts the instance units (`:` in the instance
+    /// name, the drop-in's reset and own `CacheDirectory=`/`StateDirectory=`,
+    /// `LogExtraFields=CITADEL_INSTANCE=`) with nothing on stderr, and scores
+    /// them like the model's first instance. Stand-in binaries: verify only
+    /// needs the programs to exist.
+    #[test]
+    fn issue15_validate_checks_instance_units() {
+        if which("systemd-analyze").is_none() {
+            eprintln!("systemd-analyze not installed: skipped");
+            return;
+        }
+        let text = "[gateway]\nauth = false\n\n[models.phi3]\nport = 11403\nengine = \"sim\"\nmemory_max = \"2G\"\n\n[[models.phi3.instances]]\nport = 11404\n";
+        let settings = citadel_config::parse(text, Path::new("/opt/citadel/config/citadel.toml"))
+            .map(|l| l.settings)
+            .map_err(|e| e.to_string())
+            .unwrap();
+        let rendered = citadel_render::render(&settings);
+        let bins = tempfile::tempdir().unwrap();
+        for name in ["citadel-model", "citadel-gateway", "citadel-systemd"] {
+            fs::copy("/bin/true", bins.path().join(name)).unwrap();
+        }
+        let a = analyze(&settings, &rendered, bins.path()).unwrap();
+        assert!(a.verify_ok, "verify said:\n{}", a.verify_output);
+        let score = |unit: &str| {
+            a.exposures
+                .iter()
+                .find(|e| e.unit == unit)
+                .map(|e| e.score)
+                .unwrap_or_else(|| panic!("{unit} not scored: {:?}", a.exposures))
+        };
+        assert_eq!(
+            score("citadel-model@phi3:2.service"),
+            score("citadel-model@phi3.service")
+        );
+        assert!(a.ok(), "{a:?}");
+
+        // A broken instance drop-in is found (verify looks at it at all).
+        let mut broken = rendered.clone();
+        for f in &mut broken.files {
+            if f.path
+                .to_string_lossy()
+                .starts_with("citadel-model@phi3:2.service.d/")
+            {
+                f.contents.push_str("NoSuchDirective=1\n");
+            }
+        }
+        let a = analyze(&settings, &broken, bins.path()).unwrap();
+        assert!(!a.verify_ok);
+        assert!(
+            a.verify_output.contains("NoSuchDirective"),
+            "{}",
+            a.verify_output
+        );
     }
 }
