@@ -403,6 +403,11 @@ pub mod units {
     /// The gateway's public listening socket, made by PID 1 in the host's
     /// network namespace and handed to the gateway (socket activation).
     pub const GATEWAY_SOCKET: &str = "citadel-gateway.socket";
+    /// The gateway's admin channel (issue 15: drain, admit, temporary
+    /// backends): a root-only Unix socket at [`ADMIN_SOCKET_PATH`].
+    pub const GATEWAY_ADMIN_SOCKET: &str = "citadel-gateway-admin.socket";
+    /// Where `citadel-gateway-admin.socket` listens.
+    pub const ADMIN_SOCKET_PATH: &str = "/run/citadel-gateway-admin.sock";
     /// Makes and removes Citadel's private network namespace
     /// ([`crate::network::NETNS_PATH`]), which the gateway and the models join.
     pub const NETNS: &str = "citadel-netns.service";

@@ -138,10 +138,54 @@ pub(crate) fn gateway_socket(settings: &Settings) -> RenderedFile {
             "Connections the kernel queues until the gateway accepts them (gateway.listen_backlog;",
         )
         .comment("Linux caps it at net.core.somaxconn): a burst or a restart overflows no queue.")
-        .set("Backlog", Token::new(g.listen_backlog.to_string()));
+        .set("Backlog", Token::new(g.listen_backlog.to_string()))
+        .comment("The gateway tells this socket from the admin socket by name (LISTEN_FDNAMES).")
+        .set("FileDescriptorName", API_FD_NAME);
     w.section("Install").set("WantedBy", unit_names::TARGET);
     RenderedFile {
         path: PathBuf::from(unit_names::GATEWAY_SOCKET),
+        kind: FileKind::Unit,
+        contents: w.finish(),
+    }
+}
+
+/// The `FileDescriptorName=` of the API socket (the gateway's `listen::API_FD_NAME`).
+pub const API_FD_NAME: &str = "api";
+/// The `FileDescriptorName=` of the admin socket (the gateway's `listen::ADMIN_FD_NAME`).
+pub const ADMIN_FD_NAME: &str = "admin";
+
+/// `citadel-gateway-admin.socket` (issue 15): the gateway's admin channel
+/// (drain and admit backends, add and remove temporary ones), used by
+/// `citadel-systemd restart --rolling/--surge`.
+pub(crate) fn gateway_admin_socket(settings: &Settings) -> RenderedFile {
+    let mut w = UnitWriter::new(&header(settings, "#"));
+    w.section("Unit")
+        .set(
+            "Description",
+            "Citadel API gateway admin socket (drain, temporary backends)",
+        )
+        .set("Documentation", "man:systemd.socket(5)")
+        .set("PartOf", unit_names::TARGET);
+    w.section("Socket")
+        .comment("Root only: whoever can connect can take a model out of service or send its")
+        .comment("traffic to any address, so the socket is owned by root with mode 0600 (the")
+        .comment("gateway's own user cannot open it: PID 1 hands it over already listening).")
+        .comment("A unit of its own, not a second ListenStream= of citadel-gateway.socket: that")
+        .comment("unit's NoDelay= and Backlog= are TCP options, and a socket unit's options")
+        .comment("apply to every socket it listens on; it also stays off the API's port.")
+        .set("ListenStream", unit_names::ADMIN_SOCKET_PATH)
+        .set("SocketUser", "root")
+        .set("SocketGroup", "root")
+        .set("SocketMode", "0600")
+        .set("RemoveOnStop", "yes")
+        .comment(
+            "Handed to citadel-gateway with the API socket; told apart by name (LISTEN_FDNAMES).",
+        )
+        .set("FileDescriptorName", ADMIN_FD_NAME)
+        .set("Service", unit_names::GATEWAY);
+    w.section("Install").set("WantedBy", unit_names::TARGET);
+    RenderedFile {
+        path: PathBuf::from(unit_names::GATEWAY_ADMIN_SOCKET),
         kind: FileKind::Unit,
         contents: w.finish(),
     }
