@@ -516,3 +516,70 @@ async fn issue15_admin_socket_option_binds_a_private_socket() {
     assert_eq!(status, 404);
     drop(p);
 }
+
+/// Under systemd the API and admin sockets both come from PID 1 and are told
+/// apart by `FileDescriptorName=` (LISTEN_FDNAMES): here through systemd's own
+/// `systemd-socket-activate`, the admin socket passed first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue15_admin_socket_from_systemd_is_told_apart_by_name() {
+    use std::io::{BufRead, BufReader};
+    let a = sim("alpha").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("citadel.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1\"\nport = {port}\nauth = false\nprobe_interval = \"100ms\"\n\
+             [models.alpha]\nport = {}\nengine = \"sim\"\n",
+            a.addr.port()
+        ),
+    )
+    .unwrap();
+    let sock = dir.path().join("admin.sock");
+    let mut child = std::process::Command::new("/usr/bin/systemd-socket-activate")
+        .arg("-l")
+        .arg(&sock)
+        .arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--fdname=admin:api")
+        .arg(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn systemd-socket-activate");
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[activate] {line}");
+        }
+    });
+    // The socket exists once the activator listens.
+    wait_until(
+        Duration::from_secs(20),
+        "the admin socket bound",
+        || async { sock.exists() },
+    )
+    .await;
+    // The first connection (to the admin socket) starts the gateway.
+    let (status, v) = admin(&sock, "GET", "/admin/backends", None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["models"][0]["backends"][0]["url"], a.url(), "{v}");
+    let c = client();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_model_state(&c, addr, "alpha", "ready").await;
+    assert_eq!(post_chat(&c, addr, "alpha").await.status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}
