@@ -64,6 +64,8 @@ pub async fn jobs_with(
             // the next connection; a stopped gateway stops listening too.
             if units.iter().any(|u| u == unit_names::GATEWAY) {
                 units.push(unit_names::GATEWAY_SOCKET.to_owned());
+                // Its admin socket too (issue 15): a connection would start it.
+                units.push(unit_names::GATEWAY_ADMIN_SOCKET.to_owned());
             }
             units.sort_by_key(|u| u != unit_names::GATEWAY);
             if whole_stack {
@@ -208,8 +210,10 @@ pub async fn enable(settings: &Settings, names: &[String], on: bool) -> Result<E
         units.push(unit_names::TARGET.to_owned());
     }
     if units.iter().any(|u| u == unit_names::GATEWAY) {
-        // The socket is enabled with its gateway (issue 12, item 1).
+        // The socket is enabled with its gateway (issue 12, item 1), and
+        // its admin socket (issue 15).
         units.push(unit_names::GATEWAY_SOCKET.to_owned());
+        units.push(unit_names::GATEWAY_ADMIN_SOCKET.to_owned());
     }
     let changes = if on {
         systemd.enable(&units).await?

@@ -610,6 +610,7 @@ pub async fn uninstall(root: &Path, settings: Option<&Settings>, purge: bool) ->
     }
     units.push(unit_names::GATEWAY.to_owned());
     units.push(unit_names::GATEWAY_SOCKET.to_owned());
+    units.push(unit_names::GATEWAY_ADMIN_SOCKET.to_owned());
     units.sort();
     units.dedup();
     let mut disable = units.clone();

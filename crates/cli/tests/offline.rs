@@ -50,7 +50,7 @@ fn render_writes_every_file_and_is_idempotent() {
     let first = cli.run(&["render"]);
     first.expect_code(0);
     assert!(
-        first.stdout().contains("rendered 13 files"),
+        first.stdout().contains("rendered 14 files"),
         "{}",
         first.stdout()
     );
@@ -62,11 +62,13 @@ fn render_writes_every_file_and_is_idempotent() {
     // Issue 12, item 1: the gateway's socket and the engines' network namespace.
     assert!(dir.join("citadel-gateway.socket").is_file());
     assert!(dir.join("citadel-netns.service").is_file());
+    // Issue 15: the gateway's admin socket.
+    assert!(dir.join("citadel-gateway-admin.socket").is_file());
     // The example's models have GPUs: the NVIDIA modules are loaded at boot (issue 10, item 5).
     assert!(dir.join("modules-load.d/citadel-nvidia.conf").is_file());
     let second = cli.run(&["render"]);
     assert!(
-        second.stdout().contains("(13 unchanged)"),
+        second.stdout().contains("(14 unchanged)"),
         "{}",
         second.stdout()
     );

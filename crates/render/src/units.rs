@@ -420,7 +420,11 @@ pub fn gateway(settings: &Settings) -> RenderedFile {
             "The public listening socket comes from citadel-gateway.socket (socket activation).",
         )
         .set("Requires", unit_names::GATEWAY_SOCKET)
-        .set("After", unit_names::GATEWAY_SOCKET);
+        .set("After", unit_names::GATEWAY_SOCKET)
+        .comment("The admin channel (drain, temporary backends) from citadel-gateway-admin.socket:")
+        .comment("pulled in and listening before the gateway starts, or it is not passed to it.")
+        .set("Wants", unit_names::GATEWAY_ADMIN_SOCKET)
+        .set("After", unit_names::GATEWAY_ADMIN_SOCKET);
     crate::network::namespace_dependencies(&mut w, settings);
     w.section("Service")
         .set("Type", "notify")

@@ -53,12 +53,14 @@ fn issue10_gateway_neither_waits_for_nor_pulls_in_models() {
             assert!(!v.contains("citadel-model@"), "gateway {key}={v}");
         }
     }
-    // Issue 12, item 1: also after its socket and the network namespace.
+    // Issue 12, item 1: also after its socket and the network namespace;
+    // issue 15: and its admin socket.
     assert_eq!(
         directive(gw, "Unit", "After"),
         [
             "network.target",
             "citadel-gateway.socket",
+            "citadel-gateway-admin.socket",
             "citadel-netns.service"
         ]
     );
