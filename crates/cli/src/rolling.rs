@@ -667,7 +667,12 @@ fn mem_available(meminfo: &str) -> Option<u64> {
 }
 
 fn human(bytes: u64) -> String {
-    citadel_config::units::ByteSize(bytes).to_string()
+    const GIB: f64 = (1u64 << 30) as f64;
+    if bytes >= 1 << 30 {
+        format!("{:.1}G", bytes as f64 / GIB)
+    } else {
+        format!("{}M", bytes >> 20)
+    }
 }
 
 /// Whether the host holds one more instance of `model`: memory (its
