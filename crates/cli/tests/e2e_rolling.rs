@@ -71,6 +71,41 @@ fn ready_count(st: &Stack) -> usize {
         .count()
 }
 
+/// `n` streamed completions of ~300 tokens (1.5 s at the sim's 200 tokens/s),
+/// one after another; each body is kept in /tmp/e2e-stream-N.txt inside.
+/// Returns `HTTP_CODE CURL_EXIT MESSAGE` per request, like `chat_load`.
+fn stream_load(st: &Stack, key: &str, n: u32) -> Vec<String> {
+    let auth = format!("Authorization: Bearer {key}");
+    let body = format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":300,"stream":true}}"#
+    );
+    let url = format!("http://127.0.0.1:8000/v1/chat/completions?s=[1-{n}]");
+    let out = st
+        .sb
+        .exec(&[
+            "curl",
+            "-sN",
+            "-m",
+            "20",
+            "-H",
+            &auth,
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &body,
+            "-o",
+            "/tmp/e2e-stream-#1.txt",
+            "-w",
+            "%{http_code} %{exitcode} %{errormsg}\\n",
+            &url,
+        ])
+        .expect("run curl in the sandbox");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Requests the gateway answered so far (all statuses).
 fn gateway_requests(st: &Stack) -> u64 {
     let (_, body) = st.http("GET", "http://127.0.0.1:8000/metrics", None, None);
@@ -109,10 +144,13 @@ fn under_load(
     let key = st.api_key();
     let n = rate * secs;
     let started = Instant::now();
+    // ~1.5 s streams one after another, so that a drain finds one in flight.
+    let streams = secs * 2 / 3;
     let (out, outcomes) = std::thread::scope(|s| {
-        let loads: Vec<_> = (0..2)
+        let mut loads: Vec<_> = (0..2)
             .map(|_| s.spawn(|| st.chat_load(MODEL, &key, n, rate)))
             .collect();
+        loads.push(s.spawn(|| stream_load(st, &key, streams)));
         // The load is flowing before the restart begins.
         let base = gateway_requests(st);
         st.wait(
@@ -133,12 +171,35 @@ fn under_load(
             .collect();
         (out, outcomes)
     });
-    assert_eq!(outcomes.len(), 2 * n as usize, "every request ran");
-    let failed: Vec<String> = outcomes
+    assert_eq!(
+        outcomes.len(),
+        (2 * n + streams) as usize,
+        "every request ran"
+    );
+    let mut failed: Vec<String> = outcomes
         .iter()
-        .filter(|l| !l.starts_with("200 "))
+        .filter(|l| !l.starts_with("200 0"))
         .cloned()
         .collect();
+    let kept = st
+        .sb
+        .exec_ok(&["sh", "-c", "ls /tmp/e2e-stream-*.txt | wc -l"])
+        .expect("list the streams");
+    assert_eq!(kept.trim(), streams.to_string(), "every stream was kept");
+    // A stream cut short still has status 200: it must end with [DONE].
+    let cut = st
+        .sb
+        .exec(&[
+            "sh",
+            "-c",
+            "grep -L 'data: \\[DONE\\]' /tmp/e2e-stream-*.txt",
+        ])
+        .unwrap();
+    failed.extend(
+        String::from_utf8_lossy(&cut.stdout)
+            .lines()
+            .map(|f| format!("stream without [DONE]: {f}")),
+    );
     println!(
         "PERF issue15 {}: {} requests in {:.1} s, {} failed",
         args.join(" "),
