@@ -21,8 +21,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use citadel_config::gpu::{overcommit_warning, shared_gpus};
-use citadel_config::{Diagnostic, GpuRef, Settings};
+use citadel_config::gpu::{gpu_memory_fraction, overcommit_warning, shared_gpus, SharedGpu};
+use citadel_config::{Diagnostic, GpuRef, Model, Settings};
 use citadel_render::{GpuBinding, Host};
 
 /// Overrides the `nvidia-smi` program (tests, diagnosis).
@@ -349,7 +349,15 @@ impl Resolution {
 /// Resolves the stack's GPUs on the system below `root` (asks the driver
 /// only when a model has GPUs).
 pub fn resolve_on(root: &Path, settings: &Settings) -> Resolution {
-    let refs: BTreeSet<&GpuRef> = settings.models.iter().flat_map(|m| &m.gpus).collect();
+    let refs: BTreeSet<&GpuRef> = settings
+        .models
+        .iter()
+        .flat_map(|m| {
+            m.gpus
+                .iter()
+                .chain(m.instances.iter().flat_map(|i| &i.gpus))
+        })
+        .collect();
     if refs.is_empty() {
         return Resolution::default();
     }
@@ -357,13 +365,66 @@ pub fn resolve_on(root: &Path, settings: &Settings) -> Resolution {
     resolve(settings, &query(&Driver::for_root(root), with_mig))
 }
 
+/// A GPU user: one local instance of a model (issue 15: each instance is a
+/// GPU user of its own, with its own `gpus`).
+struct User {
+    /// `phi3`, `phi3:2`.
+    name: String,
+    /// Instance number (1-based).
+    n: usize,
+    /// The model as this instance runs it.
+    model: Model,
+    /// Instance 2 and later whose `gpus` are the model's (not given, or the
+    /// same): its problems are the model's and are reported there once.
+    inherits: bool,
+}
+
+impl User {
+    /// `model `phi3``, or `instance `phi3:2`` for a further instance.
+    fn who(&self) -> String {
+        if self.n == 1 {
+            format!("model `{}`", self.name)
+        } else {
+            format!("instance `{}`", self.name)
+        }
+    }
+
+    /// The config key of its GPUs: `models.NAME.gpus`, or
+    /// `models.NAME.instances[I].gpus` (I counts from 0: instance I + 2).
+    fn key(&self) -> String {
+        if self.n == 1 {
+            format!("models.{}.gpus", self.model.name)
+        } else {
+            format!("models.{}.instances[{}].gpus", self.model.name, self.n - 2)
+        }
+    }
+}
+
+/// Every local instance of every model, models in port order, each model's
+/// instances in order.
+fn users(settings: &Settings) -> Vec<User> {
+    settings
+        .models
+        .iter()
+        .flat_map(|m| {
+            m.local_instances().into_iter().map(move |(n, inst)| User {
+                name: m.instance_name(n),
+                n,
+                inherits: n > 1 && inst.gpus == m.gpus,
+                model: inst,
+            })
+        })
+        .collect()
+}
+
 /// Resolves every entry against what the driver said (pure; the tests'
-/// entry point).
+/// entry point). Every local instance's GPUs are resolved and checked.
 pub fn resolve(settings: &Settings, devices: &Result<Vec<DeviceInfo>, DriverError>) -> Resolution {
     let mut out = Resolution::default();
-    for m in &settings.models {
+    let users = users(settings);
+    for u in &users {
         let mut missing = Vec::new();
-        for r in &m.gpus {
+        for r in &u.model.gpus {
             let found = match devices {
                 Ok(devices) => find(devices, r),
                 Err(e) => Err(e.to_string()),
@@ -375,13 +436,13 @@ pub fn resolve(settings: &Settings, devices: &Result<Vec<DeviceInfo>, DriverErro
                 Err(why) => missing.push(format!("{r} ({why})")),
             }
         }
-        if !missing.is_empty() {
+        if !missing.is_empty() && !u.inherits {
             out.unresolved.push(
                 Diagnostic::warning(
-                    format!("models.{}.gpus", m.name),
+                    u.key(),
                     format!(
-                        "model `{}`: not resolved on this host: {}",
-                        m.name,
+                        "{}: not resolved on this host: {}",
+                        u.who(),
                         missing.join("; ")
                     ),
                 )
@@ -389,15 +450,24 @@ pub fn resolve(settings: &Settings, devices: &Result<Vec<DeviceInfo>, DriverErro
             );
         }
     }
-    out.errors = duplicate_gpus(settings, &out.host);
+    out.errors = duplicate_gpus(&users, &out.host);
     let host = &out.host;
     // Shared by the same models under the same text: the config's check
-    // reported it already (it was printed twice).
+    // reported it already (it was printed twice). The config checks each
+    // model's own `gpus` (instance 1); a set with a further instance in it is
+    // this check's to report.
     let by_text: BTreeSet<Vec<&str>> = shared_gpus(&settings.models, GpuRef::to_string)
         .iter()
         .map(|s| s.models.iter().map(|m| m.name.as_str()).collect())
         .collect();
-    for shared in shared_gpus(&settings.models, |r| host.identity(r)) {
+    let models: Vec<Model> = users.iter().map(|u| u.model.clone()).collect();
+    for shared in shared_gpus(&models, |r| host.identity(r)) {
+        let who: Vec<&User> = shared
+            .models
+            .iter()
+            .filter_map(|m| models.iter().position(|o| std::ptr::eq(o, *m)))
+            .map(|i| &users[i])
+            .collect();
         let names: BTreeSet<String> = shared
             .models
             .iter()
@@ -405,27 +475,60 @@ pub fn resolve(settings: &Settings, devices: &Result<Vec<DeviceInfo>, DriverErro
             .filter(|r| host.identity(r) == shared.gpu)
             .map(ToString::to_string)
             .collect();
-        let models: Vec<&str> = shared.models.iter().map(|m| m.name.as_str()).collect();
-        if names.len() < 2 || by_text.contains(&models) {
+        let only_firsts = who.iter().all(|u| u.n == 1);
+        let model_names: Vec<&str> = who.iter().map(|u| u.name.as_str()).collect();
+        if only_firsts && (names.len() < 2 || by_text.contains(&model_names)) {
             continue;
         }
         // "GPU 0 (GPU-5d5b...)": the other names of the GPU, then its UUID.
         let others: Vec<String> = names.into_iter().filter(|n| *n != shared.gpu).collect();
-        let gpu = format!("{} ({})", others.join(", "), shared.gpu);
-        out.warnings.extend(overcommit_warning(&shared, &gpu));
+        let gpu = if others.is_empty() {
+            shared.gpu.clone()
+        } else {
+            format!("{} ({})", others.join(", "), shared.gpu)
+        };
+        let Some(mut d) = overcommit_warning(&shared, &gpu) else {
+            continue;
+        };
+        if !only_firsts {
+            name_instances(&mut d, &shared, &who);
+        }
+        out.warnings.push(d);
     }
-    out.warnings.extend(mig_and_whole(settings, &out.host));
+    out.warnings.extend(mig_and_whole(&users, &out.host));
     out
 }
 
-/// The entries of one model that name one physical GPU twice: the same UUID,
-/// or the same device minor where one of them is the whole GPU (two MIG
+/// The config's overcommit warning names each user by its model's name
+/// (`` `phi3` (0.9) and `phi3` (0.9) ``): name the instances (`phi3:2`) and
+/// place the warning at the last one's `gpus`.
+fn name_instances(d: &mut Diagnostic, shared: &SharedGpu<'_>, who: &[&User]) {
+    let mut at = d.message.find(" is shared by ").unwrap_or(0);
+    for (m, u) in shared.models.iter().zip(who) {
+        if gpu_memory_fraction(&m.engine).is_none() {
+            continue;
+        }
+        let old = format!("`{}` (", m.name);
+        let Some(i) = d.message[at..].find(&old).map(|i| i + at) else {
+            break;
+        };
+        let new = format!("`{}` (", u.name);
+        d.message.replace_range(i..i + old.len(), &new);
+        at = i + new.len();
+    }
+    if let Some(last) = who.last() {
+        d.key = last.key();
+    }
+}
+
+/// The entries of one instance that name one physical GPU twice: the same
+/// UUID, or the same device minor where one of them is the whole GPU (two MIG
 /// devices of one GPU are two devices).
-fn duplicate_gpus(settings: &Settings, host: &Host) -> Vec<Diagnostic> {
+fn duplicate_gpus(users: &[User], host: &Host) -> Vec<Diagnostic> {
     let mut out = Vec::new();
-    for m in &settings.models {
+    for u in users.iter().filter(|u| !u.inherits) {
         let mut seen: Vec<(&GpuRef, &GpuBinding)> = Vec::new();
-        for (i, r) in m.gpus.iter().enumerate() {
+        for (i, r) in u.model.gpus.iter().enumerate() {
             let Some(b) = host.gpus.get(r) else { continue };
             let same = seen.iter().find(|(o, ob)| {
                 ob.uuid == b.uuid || (ob.minor == b.minor && (!o.is_mig() || !r.is_mig()))
@@ -433,10 +536,10 @@ fn duplicate_gpus(settings: &Settings, host: &Host) -> Vec<Diagnostic> {
             if let Some((other, _)) = same {
                 out.push(
                     Diagnostic::error(
-                        format!("models.{}.gpus[{i}]", m.name),
+                        format!("{}[{i}]", u.key()),
                         format!(
-                            "model `{}` names one GPU twice: {r} is {other} on this host ({}, /dev/nvidia{})",
-                            m.name, b.uuid, b.minor
+                            "{} names one GPU twice: {r} is {other} on this host ({}, /dev/nvidia{})",
+                            u.who(), b.uuid, b.minor
                         ),
                     )
                     .help("list every GPU once: the engine would count it twice (e.g. `--tensor-parallel-size 2` on one GPU)"),
@@ -449,25 +552,25 @@ fn duplicate_gpus(settings: &Settings, host: &Host) -> Vec<Diagnostic> {
     out
 }
 
-/// A GPU that one model uses whole while a model uses a MIG device on it:
+/// A GPU that one instance uses whole while another uses a MIG device on it:
 /// with MIG mode on, CUDA cannot use the GPU whole, and without it the MIG
-/// device does not exist; either way the two models compete for one GPU.
-fn mig_and_whole(settings: &Settings, host: &Host) -> Vec<Diagnostic> {
+/// device does not exist; either way the two compete for one GPU.
+fn mig_and_whole(users: &[User], host: &Host) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
-    for whole in &settings.models {
-        for r in whole.gpus.iter().filter(|r| !r.is_mig()) {
+    for (wi, whole) in users.iter().enumerate() {
+        for r in whole.model.gpus.iter().filter(|r| !r.is_mig()) {
             let Some(b) = host.gpus.get(r) else { continue };
-            for m in &settings.models {
-                if m.name == whole.name {
+            for (mi, m) in users.iter().enumerate() {
+                if mi == wi {
                     continue;
                 }
-                for mig in m.gpus.iter().filter(|g| g.is_mig()) {
+                for mig in m.model.gpus.iter().filter(|g| g.is_mig()) {
                     let on_it = host.gpus.get(mig).is_some_and(|mb| mb.minor == b.minor);
-                    if on_it && seen.insert((whole.name.to_string(), m.name.to_string(), b.minor)) {
+                    if on_it && seen.insert((wi, mi, b.minor)) {
                         out.push(
                             Diagnostic::warning(
-                                format!("models.{}.gpus", m.name),
+                                m.key(),
                                 format!(
                                     "{r} ({}) is used whole by `{}` while `{}` uses its MIG device {mig}: with MIG mode on, CUDA cannot use the GPU whole",
                                     b.uuid, whole.name, m.name
@@ -532,17 +635,25 @@ pub fn locate(source: &str, diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
     let Ok(doc) = toml_edit::ImDocument::parse(source) else {
         return diags;
     };
-    // `models.NAME.gpus`, or `models.NAME.gpus[I]` for entry I.
+    // `models.NAME.gpus`, or `models.NAME.gpus[I]` for entry I; an instance's
+    // `models.NAME.instances[J].gpus[I]` (its own, else the model's).
     let span_of = |key: &str| -> Option<std::ops::Range<usize>> {
         let (key, entry) = match key.strip_suffix(']').and_then(|k| k.rsplit_once("[")) {
             Some((k, i)) => (k, i.parse::<usize>().ok()),
             None => (key, None),
         };
-        let model = key.strip_prefix("models.")?.strip_suffix(".gpus")?;
-        let item = doc
-            .get("models")
-            .and_then(|m| m.get(model))
-            .and_then(|m| m.get("gpus"))
+        let owner = key.strip_prefix("models.")?.strip_suffix(".gpus")?;
+        let (model, instance) = match owner
+            .strip_suffix(']')
+            .and_then(|o| o.rsplit_once(".instances["))
+        {
+            Some((m, j)) => (m, Some(j.parse::<usize>().ok()?)),
+            None => (owner, None),
+        };
+        let table = doc.get("models").and_then(|m| m.get(model));
+        let item = instance
+            .and_then(|j| table?.get("instances")?.get(j)?.get("gpus"))
+            .or_else(|| table.and_then(|m| m.get("gpus")))
             .or_else(|| doc.get("model_defaults").and_then(|m| m.get("gpus")))?;
         let at = entry.and_then(|i| item.as_array()?.get(i)?.span());
         at.or_else(|| item.span())
