@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 
 /// Where systemd binds the admin socket (`citadel-gateway-admin.socket`).
-pub const SOCKET_PATH: &str = "/run/citadel-gateway-admin.sock";
+pub const SOCKET_PATH: &str = citadel_config::unit_names::ADMIN_SOCKET_PATH;
 
 /// How long one admin exchange may take, connect to last body byte.
 const TIMEOUT: Duration = Duration::from_secs(5);
