@@ -394,7 +394,7 @@ async fn print_states(systemd: &Systemd, admin: &Admin, all: &[Member], surge: O
             Ok(None) => "unknown to the gateway".to_owned(),
             Err(e) => format!("? ({e})"),
         };
-        errln!("  {:<14} unit {unit:<22} gateway: {gw}", m.name);
+        errln!("  {:<14} unit {unit:<32} gateway: {gw}", m.name);
     }
 }
 

@@ -326,3 +326,49 @@ fn issue15_surge_refuses_without_memory_for_one_more_instance() {
     assert_eq!(backends(&st).len(), 1);
     st.sb.shutdown().expect("clean teardown");
 }
+
+/// A step that fails stops the roll: the instance that did not start stays
+/// drained (never admitted while not ready), the rest serve, exit 1 with each
+/// instance's state. After the fix, a plain restart of the instance and a
+/// second roll (which takes the drained instance first) bring it back.
+#[test]
+fn issue15_rolling_stops_at_an_instance_that_does_not_start() {
+    let cfg = config("0s", "\n[[models.phi3.instances]]\nport = 11404\n");
+    let st = boot_and_start("e2e-rolling-fail", &cfg, &[FIRST, SECOND]);
+    let break_in = "/etc/systemd/system/citadel-model@phi3:2.service.d/99-break.conf";
+    st.write(break_in, "[Service]\nExecStartPre=/bin/false\n");
+    st.sb
+        .exec_ok(&["systemctl", "daemon-reload"])
+        .expect("daemon-reload");
+    let first = st.show(FIRST, "MainPID");
+
+    let out = st.cli(&["restart", "--rolling", MODEL]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    for says in ["STOPPED", "phi3:2 did not start again", "state now:"] {
+        assert!(stderr.contains(says), "no {says:?} in:\n{stderr}");
+    }
+    assert_ne!(st.show(FIRST, "MainPID"), first, "phi3 rolled first");
+    let bs = backends(&st);
+    let second = bs
+        .iter()
+        .find(|b| b["url"] == "http://127.0.0.1:11404")
+        .expect("phi3:2 at the gateway");
+    assert_eq!(second["drained"], true, "{bs:?}");
+    assert_eq!(ready_count(&st), 1, "phi3 serves: {bs:?}");
+    assert_eq!(st.chat(MODEL).0, 200);
+
+    // The documented way back.
+    st.sb.exec_ok(&["rm", break_in]).expect("remove the break");
+    st.sb
+        .exec_ok(&["systemctl", "daemon-reload"])
+        .expect("daemon-reload");
+    st.cli_ok(&["restart", "phi3:2"]);
+    let again = st.cli_ok(&["restart", "--rolling", MODEL]);
+    assert!(
+        again.contains("one at a time (phi3:2, phi3)"),
+        "the drained instance goes first:\n{again}"
+    );
+    assert_eq!(ready_count(&st), 2, "{:?}", backends(&st));
+    st.sb.shutdown().expect("clean teardown");
+}
