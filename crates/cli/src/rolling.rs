@@ -423,7 +423,21 @@ pub async fn surge(settings: &Settings, root: &Path, name: &str) -> Result<ExitC
             removal_help(&unit, &dropin_dir, None)
         ));
     }
-    if let Err(why) = check_resources(&systemd, root, settings, model).await? {
+    // The driver's answers (nvidia-smi runs its own runtime: not on this one).
+    let gpus = off_runtime(|| crate::gpu::resolve_on(root, settings));
+    if !gpus.errors.is_empty() || !gpus.unresolved.is_empty() {
+        return refuse(format!(
+            "the GPUs of the config do not resolve on this host (`citadel-systemd validate` says why): {}",
+            gpus.errors
+                .iter()
+                .chain(&gpus.unresolved)
+                .map(|d| d.message.clone())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    let driver = crate::gpu::Driver::for_root(root);
+    if let Err(why) = check_resources(&systemd, &driver, &gpus.host, model).await? {
         return refuse(why);
     }
     let all = members(model);
@@ -437,18 +451,6 @@ pub async fn surge(settings: &Settings, root: &Path, name: &str) -> Result<ExitC
         return refuse("no spare port above the configured ones".into());
     };
     let url = format!("http://127.0.0.1:{port}");
-    let gpus = crate::gpu::resolve_on(root, settings);
-    if !gpus.errors.is_empty() || !gpus.unresolved.is_empty() {
-        return refuse(format!(
-            "the GPUs of the config do not resolve on this host (`citadel-systemd validate` says why): {}",
-            gpus.errors
-                .iter()
-                .chain(&gpus.unresolved)
-                .map(|d| d.message.clone())
-                .collect::<Vec<_>>()
-                .join("; ")
-        ));
-    }
     let mut surge_model = model.clone();
     surge_model.instances.clear();
     surge_model.port = match citadel_config::Port::new(i64::from(port)) {
@@ -681,8 +683,8 @@ fn human(bytes: u64) -> String {
 /// `Ok(Err(why))` is a refusal.
 async fn check_resources(
     systemd: &Systemd,
-    root: &Path,
-    settings: &Settings,
+    driver: &crate::gpu::Driver,
+    host: &citadel_render::Host,
     model: &Model,
 ) -> Result<std::result::Result<(), String>> {
     let name = model.name.as_str();
@@ -725,50 +727,49 @@ async fn check_resources(
     if model.gpus.is_empty() {
         return Ok(Ok(()));
     }
-    Ok(check_gpus(root, settings, model))
+    Ok(check_gpus(driver, host, model))
+}
+
+/// Runs `f` on a thread of its own: for code that starts its own runtime
+/// (the `gpu` module's nvidia-smi calls), which must not run on this one.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
 }
 
 /// The GPU half of [`check_resources`]: nvidia-smi's free memory on each of
 /// the model's GPUs against what instance 1's processes use there.
-fn check_gpus(root: &Path, settings: &Settings, model: &Model) -> std::result::Result<(), String> {
+fn check_gpus(
+    driver: &crate::gpu::Driver,
+    host: &citadel_render::Host,
+    model: &Model,
+) -> std::result::Result<(), String> {
     let name = model.name.as_str();
-    let driver = crate::gpu::Driver::for_root(root);
-    let resolved = crate::gpu::resolve_on(root, settings);
     let mut uuids = Vec::new();
     for r in &model.gpus {
-        match resolved.host.gpus.get(r) {
+        match host.gpus.get(r) {
             Some(b) => uuids.push(b.uuid.clone()),
             None => return Err(format!("GPU {r} of {name} does not resolve on this host")),
         }
     }
-    // nvidia-smi runs its own runtime: ask from a thread outside this one.
-    let (apps, free) = std::thread::scope(|s| {
-        s.spawn(|| {
-            let apps = crate::gpu::run_smi(
-                &driver,
-                &[
-                    "--query-compute-apps=gpu_uuid,pid,used_memory",
-                    "--format=csv,noheader,nounits",
-                ],
-            );
-            let free = crate::gpu::run_smi(
-                &driver,
-                &[
-                    "--query-gpu=uuid,memory.free",
-                    "--format=csv,noheader,nounits",
-                ],
-            );
-            (apps, free)
-        })
-        .join()
-        .unwrap_or_else(|_| {
-            let e = || {
-                Err(crate::gpu::DriverError::NoSmi(
-                    "nvidia-smi (the query panicked)".into(),
-                ))
-            };
-            (e(), e())
-        })
+    let (apps, free) = off_runtime(|| {
+        let apps = crate::gpu::run_smi(
+            driver,
+            &[
+                "--query-compute-apps=gpu_uuid,pid,used_memory",
+                "--format=csv,noheader,nounits",
+            ],
+        );
+        let free = crate::gpu::run_smi(
+            driver,
+            &[
+                "--query-gpu=uuid,memory.free",
+                "--format=csv,noheader,nounits",
+            ],
+        );
+        (apps, free)
     });
     let cannot = |e: crate::gpu::DriverError| {
         format!(
@@ -862,6 +863,74 @@ mod tests {
         let s = citadel_config::load(&path).unwrap().settings;
         assert_eq!(spare_port(&s, &HashSet::new()), Some(11404));
         assert_eq!(spare_port(&s, &HashSet::from([11404, 11405])), Some(11406));
+    }
+
+    /// The GPU check against a fake nvidia-smi and /proc, called where the
+    /// surge calls it: inside the CLI's runtime (nvidia-smi's own runtime
+    /// must not nest in it).
+    #[test]
+    fn issue15_surge_gpu_check_reads_free_memory_of_the_models_gpus() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let proc_root = dir.path().join("proc");
+        for (pid, unit) in [(100, "citadel-model@phi3.service"), (200, "other.service")] {
+            let d = proc_root.join(pid.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("cgroup"), format!("0::/system.slice/{unit}\n")).unwrap();
+        }
+        let smi = |free: u64| {
+            let path = dir.path().join(format!("smi-{free}"));
+            std::fs::write(
+                &path,
+                format!(
+                    "#!/bin/sh\ncase \"$1\" in\n  --query-compute-apps=*) printf 'GPU-a, 100, 5000\\nGPU-a, 200, 9000\\n' ;;\n  --query-gpu=*) printf 'GPU-a, {free}\\nGPU-b, 99999\\n' ;;\nesac\n"
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            crate::gpu::Driver {
+                nvidia_smi: path.into_os_string(),
+                proc_root: proc_root.clone(),
+            }
+        };
+        let dir_c = tempfile::tempdir().unwrap();
+        let path = dir_c.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[models.phi3]\nport = 11400\nengine = \"sim\"\ngpus = [0]\n",
+        )
+        .unwrap();
+        let s = citadel_config::load(&path).unwrap().settings;
+        let model = s.model("phi3").unwrap();
+        let mut host = citadel_render::Host::default();
+        host.gpus.insert(
+            model.gpus[0].clone(),
+            citadel_render::GpuBinding {
+                uuid: "GPU-a".into(),
+                minor: 0,
+            },
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // phi3's process uses 5000 MiB of GPU-a (pid 200 is another unit's).
+            assert_eq!(check_gpus(&smi(5000), &host, model), Ok(()));
+            let e = check_gpus(&smi(4999), &host, model).unwrap_err();
+            assert!(
+                e.contains("not enough GPU memory") && e.contains("5000 MiB"),
+                "{e}"
+            );
+            let none = crate::gpu::Driver {
+                nvidia_smi: dir.path().join("no-smi").into_os_string(),
+                proc_root: proc_root.clone(),
+            };
+            let e = check_gpus(&none, &host, model).unwrap_err();
+            assert!(e.contains("cannot be read"), "{e}");
+            let e = check_gpus(&smi(5000), &citadel_render::Host::default(), model).unwrap_err();
+            assert!(e.contains("does not resolve"), "{e}");
+        });
     }
 
     #[test]
