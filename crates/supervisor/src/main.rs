@@ -220,7 +220,7 @@ fn real_main(cli: Cli) -> Result<u8, Failure> {
         return Err(Failure(
             EXIT_CONFIG,
             anyhow::anyhow!(
-                "model or instance `{name}` is not in {} (models: {})",
+                "model `{name}` is not in {} (models: {}; an instance is `NAME:N`, the temporary surge instance `NAME:surge`)",
                 cli.config.display(),
                 if known.is_empty() {
                     "none".into()
