@@ -454,7 +454,8 @@ fn steps(r: &mut Report, tier: &Tier) -> Result<()> {
     }
 
     // --- serving through the gateway.
-    for model in [VLLM_MODEL] {
+    {
+        let model = VLLM_MODEL;
         let body = format!(
             r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":16}}"#
         );

@@ -186,10 +186,17 @@ impl Systemd {
                     .unwrap_or(0)
             }
         };
-        let started = get("org.freedesktop.systemd1.Service", "ExecMainStartTimestampMonotonic").await;
-        let active = get("org.freedesktop.systemd1.Unit", "ActiveEnterTimestampMonotonic").await;
-        Ok((started > 0 && active >= started)
-            .then(|| Duration::from_micros(active - started)))
+        let started = get(
+            "org.freedesktop.systemd1.Service",
+            "ExecMainStartTimestampMonotonic",
+        )
+        .await;
+        let active = get(
+            "org.freedesktop.systemd1.Unit",
+            "ActiveEnterTimestampMonotonic",
+        )
+        .await;
+        Ok((started > 0 && active >= started).then(|| Duration::from_micros(active - started)))
     }
 
     /// The state of `unit` (loaded on demand; unknown units have load_state `not-found`).
