@@ -194,10 +194,15 @@ args = ["--load-time", "60s", "--tokens-per-second", "200"]
         );
         assert_eq!(st.show(&unit("slowload"), "ActiveState"), "activating");
     });
+    // The gateway probes the engine itself and may list it a moment before
+    // the supervisor's own check sends READY=1: wait for both.
     st.wait(
         "the gateway admits slowload once it is ready",
         Duration::from_secs(90),
-        || listed_models(&st).iter().any(|m| m == "slowload"),
+        || {
+            listed_models(&st).iter().any(|m| m == "slowload")
+                && st.show(&unit("slowload"), "ActiveState") == "active"
+        },
     );
     // The gateway became active long before the slow model was ready (both
     // timestamps exist only now: a unit never active has none).

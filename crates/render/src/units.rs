@@ -423,8 +423,7 @@ pub fn gateway(settings: &Settings) -> RenderedFile {
         .set("After", unit_names::GATEWAY_SOCKET)
         .comment("The admin channel (drain, temporary backends) from citadel-gateway-admin.socket")
         .comment("(pulled in by citadel.target): listening before the gateway starts, or it is not")
-        .comment("passed to it. Ordered only, not Wants=: with Wants=, `systemctl restart citadel.target`")
-        .comment("failed to listen on the API port again (EADDRINUSE, measured under systemd 252).")
+        .comment("passed to it. A gateway started alone runs without it (and says so).")
         .set("After", unit_names::GATEWAY_ADMIN_SOCKET);
     crate::network::namespace_dependencies(&mut w, settings);
     w.section("Service")
