@@ -260,11 +260,22 @@ args = ["--load-time", "60s", "--tokens-per-second", "200"]
             "{m}: the stream was cut:\n{out}"
         );
     }
+    // The streams ended with [DONE]; each unit finishes its stop right after
+    // (the supervisor reaps its engine): wait for that, then check how.
+    st.wait(
+        "every model and the gateway are stopped",
+        Duration::from_secs(30),
+        || {
+            MODELS
+                .iter()
+                .map(|m| unit(m))
+                .chain(std::iter::once(GATEWAY.to_owned()))
+                .all(|u| st.show(&u, "ActiveState") == "inactive")
+        },
+    );
     for m in MODELS {
-        assert_eq!(st.show(&unit(m), "ActiveState"), "inactive", "{m}");
         assert_eq!(st.show(&unit(m), "Result"), "success", "{m}");
     }
-    assert_eq!(st.show(GATEWAY, "ActiveState"), "inactive");
     st.sb.shutdown().expect("clean teardown");
 }
 
