@@ -112,13 +112,16 @@ async fn issue11_burst_of_1000_connections_overflows_no_listen_queue() {
     );
 }
 
-/// Memory after a burst: RSS at idle, right after 1,000 connections, and
-/// once the idle upstream connections have timed out. Prints only (memory
-/// amounts depend on the allocator and the host); takes ~20 s, so it runs on
+/// Memory after a burst: RSS at idle, right after 1,000 connections, 20 s
+/// later (the idle upstream connections, `POOL_IDLE_TIMEOUT` = 15 s, have
+/// timed out) and 60 s later (issue 11's goal: within 15 MiB of idle).
+/// Prints only (memory amounts depend on the allocator and the host); takes
+/// ~65 s, so it runs on
 /// request: `cargo test -p citadel-gateway --test burst -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement (~20 s): run with --ignored --nocapture"]
+#[ignore = "measurement (~65 s): run with --ignored --nocapture"]
 async fn issue11_rss_after_a_burst() {
+    const GOAL_KIB: u64 = 15 * 1024;
     let sim = sim("alpha").await;
     let dir = tempfile::tempdir().unwrap();
     let gw = spawn_gateway(&config(dir.path(), sim.addr), &[]);
@@ -127,17 +130,27 @@ async fn issue11_rss_after_a_burst() {
     wait_model_state(&c, gw.addr, "alpha", "ready").await;
     let idle = rss_kib(pid);
     let (_, ok) = burst(gw.addr).await;
+    let done = Instant::now();
     let conns = sim.stats().connections_accepted;
     let loaded = rss_kib(pid);
-    tokio::time::sleep(citadel_gateway::POOL_IDLE_TIMEOUT + Duration::from_secs(5)).await;
-    let later = rss_kib(pid);
+    let mut after = Vec::new();
+    for secs in [20, 60] {
+        tokio::time::sleep_until((done + Duration::from_secs(secs)).into()).await;
+        after.push((secs, rss_kib(pid)));
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let later: Vec<String> = after
+        .iter()
+        .map(|(s, kib)| format!("{s} s later {:.1} MiB", mib(*kib)))
+        .collect();
+    let last = after.last().map_or(loaded, |a| a.1);
     println!(
-        "PERF issue11 gateway RSS: idle {} MiB, after {CONNECTIONS} connections ({ok} answered, {conns} upstream connections opened) {} MiB, {} s later {} MiB",
-        idle / 1024,
-        loaded / 1024,
-        (citadel_gateway::POOL_IDLE_TIMEOUT + Duration::from_secs(5)).as_secs(),
-        later / 1024
+        "PERF issue11 gateway RSS: idle {:.1} MiB, after {CONNECTIONS} connections ({ok} answered, {conns} upstream connections opened) {:.1} MiB, {}; goal (60 s later within 15 MiB of idle): {}",
+        mib(idle),
+        mib(loaded),
+        later.join(", "),
+        if last <= idle + GOAL_KIB { "met" } else { "not met" },
     );
     assert_eq!(ok, CONNECTIONS);
-    assert!(later <= loaded + 1024, "memory still grows after the burst");
+    assert!(last <= loaded + 1024, "memory still grows after the burst");
 }
