@@ -75,21 +75,28 @@ impl RequestEvent<'_> {
 }
 
 /// The summary: `METHOD PATH [model=M] [stream] status=S LATENCY [TOKENS] outcome=O`.
+/// The latency is in ms to a tenth below a second, else in s to a hundredth
+/// (rounded half up, in integers: no float formatting per request).
 impl fmt::Display for RequestEvent<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.method, self.path)?;
+        f.write_str(self.method)?;
+        f.write_str(" ")?;
+        f.write_str(self.path)?;
         if !self.model.is_empty() {
-            write!(f, " model={}", self.model)?;
+            f.write_str(" model=")?;
+            f.write_str(self.model)?;
         }
         if self.stream == Some(true) {
             f.write_str(" stream")?;
         }
         write!(f, " status={} ", self.status)?;
         let us = self.elapsed.as_micros();
-        if us < 1_000_000 {
-            write!(f, "{:.1} ms", us as f64 / 1000.0)?;
+        if us < 999_950 {
+            let tenths = (us + 50) / 100;
+            write!(f, "{}.{} ms", tenths / 10, tenths % 10)?;
         } else {
-            write!(f, "{:.2} s", us as f64 / 1_000_000.0)?;
+            let hundredths = (us + 5_000) / 10_000;
+            write!(f, "{}.{:02} s", hundredths / 100, hundredths % 100)?;
         }
         match self.usage {
             Usage {
@@ -100,7 +107,8 @@ impl fmt::Display for RequestEvent<'_> {
             Usage { total: Some(t), .. } => write!(f, " {t} tokens")?,
             _ => {}
         }
-        write!(f, " outcome={}", self.outcome)
+        f.write_str(" outcome=")?;
+        f.write_str(self.outcome)
     }
 }
 
@@ -152,5 +160,24 @@ mod tests {
             e.to_string(),
             "POST /v1/chat/completions status=401 0.1 ms outcome=invalid_api_key"
         );
+        // Rounding, and the switch from ms to s.
+        for (us, want) in [
+            (0, "0.0 ms"),
+            (49, "0.0 ms"),
+            (50, "0.1 ms"),
+            (2_250, "2.3 ms"),
+            (999_949, "999.9 ms"),
+            (999_950, "1.00 s"),
+            (1_004_999, "1.00 s"),
+            (1_005_000, "1.01 s"),
+            (61_234_567, "61.23 s"),
+        ] {
+            let e = ev(Usage::default(), Duration::from_micros(us));
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!(" status=200 {want} outcome=ok")),
+                "{us}: {text}"
+            );
+        }
     }
 }
