@@ -110,9 +110,23 @@ fn parse(args: Vec<String>) -> Result<Opts> {
     Ok(o)
 }
 
+/// A child stopped when dropped: SIGTERM first, so a master process (nginx)
+/// stops its workers too (SIGKILL of nginx's master left its workers running,
+/// orphaned, after the bench had ended), then SIGKILL after 5 s.
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
