@@ -421,9 +421,9 @@ pub fn gateway(settings: &Settings) -> RenderedFile {
         )
         .set("Requires", unit_names::GATEWAY_SOCKET)
         .set("After", unit_names::GATEWAY_SOCKET)
-        .comment("The admin channel (drain, temporary backends) from citadel-gateway-admin.socket")
-        .comment("(pulled in by citadel.target): listening before the gateway starts, or it is not")
-        .comment("passed to it. A gateway started alone runs without it (and says so).")
+        .comment("The admin channel (drain, temporary backends) from citadel-gateway-admin.socket:")
+        .comment("pulled in and listening before the gateway starts, or it is not passed to it.")
+        .set("Wants", unit_names::GATEWAY_ADMIN_SOCKET)
         .set("After", unit_names::GATEWAY_ADMIN_SOCKET);
     crate::network::namespace_dependencies(&mut w, settings);
     w.section("Service")
