@@ -181,7 +181,7 @@ impl Admin {
         path: &str,
         body: Option<String>,
     ) -> Result<String, AdminError> {
-        use http_body_util::{BodyExt, Full, Limited};
+        use http_body_util::Full;
 
         let what = format!("{method} {path}");
         let request = hyper::Request::builder()
@@ -202,31 +202,12 @@ impl Admin {
                     path: self.path.clone(),
                     source,
                 })?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-            let response = async {
-                let response = sender.send_request(request).await?;
-                let status = response.status().as_u16();
-                let body = Limited::new(response.into_body(), MAX_BODY)
-                    .collect()
-                    .await
-                    .map_err(|e| match e.downcast::<hyper::Error>() {
-                        Ok(e) => AdminError::Http(*e),
-                        Err(_) => AdminError::TooLarge(MAX_BODY),
-                    })?
-                    .to_bytes();
-                Ok::<_, AdminError>((status, String::from_utf8_lossy(&body).into_owned()))
-            };
-            // As in observe.rs: the connection may end before the body is collected.
-            tokio::pin!(response, conn);
-            tokio::select! {
-                biased;
-                r = &mut response => r,
-                c = &mut conn => {
-                    c?;
-                    response.await
-                }
-            }
+            crate::observe::exchange(stream, request, MAX_BODY)
+                .await
+                .map_err(|e| match e {
+                    crate::observe::Exchange::Http(e) => AdminError::Http(e),
+                    crate::observe::Exchange::TooLarge(n) => AdminError::TooLarge(n),
+                })
         };
         let (status, text) = tokio::time::timeout(TIMEOUT, exchange)
             .await

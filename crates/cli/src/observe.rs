@@ -676,7 +676,7 @@ pub(crate) async fn http_get_as(
     timeout: Duration,
     max_body: usize,
 ) -> Result<(u16, String), HttpError> {
-    use http_body_util::{BodyExt, Empty, Limited};
+    use http_body_util::Empty;
 
     let mut request = hyper::Request::builder()
         .method(hyper::Method::GET)
@@ -694,36 +694,70 @@ pub(crate) async fn http_get_as(
             .await
             .map_err(HttpError::Connect)?;
         stream.set_nodelay(true).map_err(HttpError::Connect)?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        let response = async {
-            let response = sender.send_request(request).await?;
-            let status = response.status().as_u16();
-            let body = Limited::new(response.into_body(), max_body)
-                .collect()
-                .await
-                .map_err(|e| match e.downcast::<hyper::Error>() {
-                    Ok(e) => HttpError::Http(*e),
-                    Err(_) => HttpError::BodyTooLarge(max_body),
-                })?
-                .to_bytes();
-            Ok::<_, HttpError>((status, String::from_utf8_lossy(&body).into_owned()))
-        };
-        // The connection future does the I/O; it may end (Connection: close)
-        // before the body has been collected, so then wait for the response.
-        tokio::pin!(response, conn);
-        tokio::select! {
-            biased;
-            r = &mut response => r,
-            c = &mut conn => {
-                c?;
-                response.await
-            }
-        }
+        exchange(stream, request, max_body)
+            .await
+            .map_err(|e| match e {
+                Exchange::Http(e) => HttpError::Http(e),
+                Exchange::TooLarge(n) => HttpError::BodyTooLarge(n),
+            })
     };
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| HttpError::Timeout(timeout))?
+}
+
+/// How one HTTP/1.1 exchange failed ([`exchange`]).
+#[derive(Debug)]
+pub(crate) enum Exchange {
+    Http(hyper::Error),
+    TooLarge(usize),
+}
+
+/// Sends `request` on the connected `stream` with hyper's connection-level
+/// HTTP/1.1 client and reads the answer: (status, body as lossy UTF-8, at
+/// most `max_body` bytes). Shared by the local probes (TCP) and the gateway's
+/// admin client (Unix socket); the caller bounds it in time.
+pub(crate) async fn exchange<S, B>(
+    stream: S,
+    request: hyper::Request<B>,
+    max_body: usize,
+) -> Result<(u16, String), Exchange>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::{BodyExt, Limited};
+
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(Exchange::Http)?;
+    let response = async {
+        let response = sender.send_request(request).await.map_err(Exchange::Http)?;
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), max_body)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => Exchange::Http(*e),
+                Err(_) => Exchange::TooLarge(max_body),
+            })?
+            .to_bytes();
+        Ok::<_, Exchange>((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    // The connection future does the I/O; it may end (Connection: close)
+    // before the body has been collected, so then wait for the response.
+    tokio::pin!(response, conn);
+    tokio::select! {
+        biased;
+        r = &mut response => r,
+        c = &mut conn => {
+            c.map_err(Exchange::Http)?;
+            response.await
+        }
+    }
 }
 
 /// A local probe: `GET path` with the default timeout and body limit.
