@@ -26,7 +26,6 @@ const GOOD_PORT: u16 = 11400;
 /// The instance that is broken in each scenario (`alpha:2`).
 const BAD_PORT: u16 = 11401;
 const BAD_URL: &str = "http://127.0.0.1:11401";
-const ADMIN_SOCKET: &str = "/run/citadel-gateway-admin.sock";
 /// Created inside to end the load.
 const STOP_FILE: &str = "/tmp/e2e-faults-stop";
 /// Failures in a row that eject a backend (`gateway.outlier_failures`).
@@ -67,27 +66,9 @@ fn epoch_now() -> f64 {
         .as_secs_f64()
 }
 
-/// The gateway's backends of alpha from its admin channel.
+/// The gateway's backends of the model from its admin channel.
 fn backends(st: &Stack) -> Vec<Value> {
-    let out = st
-        .sb
-        .exec(&[
-            "curl",
-            "-s",
-            "-m",
-            "5",
-            "--unix-socket",
-            ADMIN_SOCKET,
-            "http://localhost/admin/backends",
-        ])
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["models"]
-        .as_array()
-        .and_then(|ms| ms.iter().find(|m| m["model"] == MODEL))
-        .and_then(|m| m["backends"].as_array())
-        .cloned()
-        .unwrap_or_default()
+    st.admin_backends(MODEL)
 }
 
 /// The admin channel's `health` of the broken instance's backend.

@@ -19,7 +19,6 @@ const FIRST: &str = "citadel-model@phi3.service";
 const SECOND: &str = "citadel-model@phi3:2.service";
 const SURGE: &str = "citadel-model@phi3:surge.service";
 const SURGE_DROPIN: &str = "/run/systemd/system/citadel-model@phi3:surge.service.d";
-const ADMIN_SOCKET: &str = "/run/citadel-gateway-admin.sock";
 
 /// The sim stack cut down to phi3 (port 11403) loading for `load_time`, with
 /// a key budget this load cannot exhaust, plus `extra` lines at the end.
@@ -41,27 +40,9 @@ fn config(load_time: &str, extra: &str) -> String {
     format!("{head}[models.phi3]\nport = 11403\n{extra}")
 }
 
-/// The gateway's backends of phi3 from its admin channel (curl over the Unix socket).
+/// The gateway's backends of the model from its admin channel.
 fn backends(st: &Stack) -> Vec<Value> {
-    let out = st
-        .sb
-        .exec(&[
-            "curl",
-            "-s",
-            "-m",
-            "5",
-            "--unix-socket",
-            ADMIN_SOCKET,
-            "http://localhost/admin/backends",
-        ])
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["models"]
-        .as_array()
-        .and_then(|ms| ms.iter().find(|m| m["model"] == MODEL))
-        .and_then(|m| m["backends"].as_array())
-        .cloned()
-        .unwrap_or_default()
+    st.admin_backends(MODEL)
 }
 
 fn ready_count(st: &Stack) -> usize {

@@ -197,6 +197,30 @@ impl Stack {
     }
 
     /// The gateway's view of one model: ready, loading or down.
+    /// The gateway's backends of `model` from its admin channel (issue 15:
+    /// curl over the root-only Unix socket); empty when it does not answer.
+    pub fn admin_backends(&self, model: &str) -> Vec<serde_json::Value> {
+        let out = self
+            .sb
+            .exec(&[
+                "curl",
+                "-s",
+                "-m",
+                "5",
+                "--unix-socket",
+                citadel_config::unit_names::ADMIN_SOCKET_PATH,
+                "http://localhost/admin/backends",
+            ])
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["models"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["model"] == model))
+            .and_then(|m| m["backends"].as_array())
+            .cloned()
+            .unwrap_or_default()
+    }
+
     pub fn gateway_state(&self, model: &str) -> String {
         let (code, body) = self.http("GET", "http://127.0.0.1:8000/health/models", None, None);
         if code != 200 {
